@@ -1,0 +1,139 @@
+"""Command-line configuration, nanoGPT style, with errors that say what to fix.
+
+The defaults are plain module-level values in train.py. Then, in order:
+    python train.py config/some_config.py --batch_size=32 --compile=False
+a bare argument is a Python file executed to override defaults, and `--key=value`
+overrides one key, the value parsed with `ast.literal_eval` (a bare word is a string).
+An unknown key is an error naming the closest known keys; a value of another type than
+the default's (except int for float) is an error naming the key and both types.
+`--help` prints every key with its default and the comment from its line in train.py.
+"""
+
+import ast
+import difflib
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+CONFIG_TYPES = (bool, int, float, str, tuple, type(None))
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names the problem and the fix. Scripts
+    print it as one line and exit with status 2 instead of showing a traceback."""
+
+
+def exit_on_user_error(fn):
+    """Decorator for a script's main(): a UserError becomes one line on stderr and exit 2."""
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
+def config_keys(namespace: dict[str, Any]) -> list[str]:
+    """The configurable names of a module namespace: public values of plain types."""
+    return [k for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
+
+
+def key_help(source_file: str | Path) -> dict[str, str]:
+    """Map each `key = value  # meaning` line of a source file to its meaning."""
+    pattern = re.compile(r"^(\w+)\s*=\s*.+?\s+#\s*(.+)$")
+    meanings = {}
+    for line in Path(source_file).read_text().splitlines():
+        m = pattern.match(line)
+        if m:
+            meanings[m.group(1)] = m.group(2).strip()
+    return meanings
+
+
+def coerce(key: str, value: Any, default: Any, origin: str) -> Any:
+    """Check `value` against the type of `default`; int is accepted for float and a
+    list for a tuple. Raises UserError naming the key and both types."""
+    if default is None or value is None:
+        return value
+    expected = type(default)
+    if expected is float and type(value) is int:
+        return float(value)
+    if expected is tuple and isinstance(value, list):
+        value = tuple(value)
+    if expected is tuple and isinstance(value, tuple):
+        if len(value) != len(default) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{origin}: {key} expects a tuple like {default!r}, got {value!r}")
+        return tuple(type(d)(v) for d, v in zip(default, value))
+    if type(value) is not expected:
+        raise UserError(f"{origin}: {key} expects {expected.__name__} (default {default!r}), "
+                        f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_value(raw: str, default: Any) -> Any:
+    """`--key=value` parsing: a Python literal, else the bare string. For a string key
+    the raw text is kept even when it looks like a number (`--wandb_run_name=2024`)."""
+    if isinstance(default, bool) and raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+    if isinstance(default, str) and not isinstance(value, str):
+        return raw
+    return value
+
+
+def unknown_key_error(key: str, known: list[str], origin: str) -> UserError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "see --help for every key"
+    return UserError(f"{origin}: unknown config key {key!r}; {hint}")
+
+
+def apply_config_file(path: str, config: dict[str, Any]) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path} not found; give a file from config/ "
+                        f"(e.g. config/train_shakespeare_char.py) or --key=value overrides")
+    namespace = dict(config)
+    try:
+        exec(compile(file.read_text(), str(file), "exec"), namespace)
+    except Exception as e:  # a user's Python file: report its error on one line
+        raise UserError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
+    for key, value in namespace.items():
+        if key.startswith("_") or not isinstance(value, CONFIG_TYPES):
+            continue  # imports, helpers and dunders of the config file
+        if key not in config:
+            raise unknown_key_error(key, list(config), path)
+        config[key] = coerce(key, value, config[key], path)
+
+
+def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | None = None
+          ) -> dict[str, Any]:
+    """Apply config files and `--key=value` overrides in `argv` to a copy of `defaults`."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help(defaults, help_source)
+            sys.exit(0)
+        if not arg.startswith("--"):
+            apply_config_file(arg, config)
+            continue
+        if "=" not in arg:
+            raise UserError(f"{arg} has no value; write {arg}=VALUE")
+        key, raw = arg[2:].split("=", 1)
+        if key not in config:
+            raise unknown_key_error(key, list(config), "command line")
+        config[key] = coerce(key, parse_value(raw, defaults[key]), defaults[key], "command line")
+    return config
+
+
+def print_help(defaults: dict[str, Any], help_source: str | Path | None) -> None:
+    meanings = key_help(help_source) if help_source else {}
+    script = Path(help_source).name if help_source else "train.py"
+    print(f"usage: python {script} [config/FILE.py ...] [--key=value ...]\n")
+    width = max(len(k) for k in defaults)
+    for key, value in defaults.items():
+        print(f"  --{key:<{width}} = {value!r:<22} {meanings.get(key, '')}".rstrip())

@@ -1,0 +1,383 @@
+"""Sophia: Second-order Clipped Stochastic Optimization (Liu et al., 2023).
+
+Two parts, kept apart so the training loop stays one loop:
+  * the optimizer (`SophiaG`, `SophiaH`): every step
+        m <- beta1 m + (1 - beta1) g
+        theta <- theta - lr wd theta
+        theta <- theta - lr clip(m / max(rho h, eps), -1, 1)
+    and `update_hessian(h_hat)`, which folds one estimate into h <- beta2 h + (1 - beta2) h_hat;
+  * the estimators (`gnb_hessian`, `hutchinson_hessian`), functions of the model and a
+    batch that return h_hat for every parameter; the loop calls one every k steps.
+
+Where h <= 0 the ratio m / eps is huge, so the clip turns the update into lr sign(m): the
+paper's fallback to sign momentum, never a step uphill (the reference implementation's
+|m| / (rho h) reverses the sign of m when h < 0).
+
+The update has three implementations that compute the same thing:
+  "reference"  a per-tensor loop that reads like the formula; the tests hold the others to it;
+  "foreach"    torch._foreach_* kernels over all tensors of a group at once;
+  "compiled"   the foreach version through torch.compile, fused into a few kernels (lr lives
+               in a tensor so a changing schedule does not recompile).
+"""
+
+import contextlib
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from model import math_attention
+
+IMPLEMENTATIONS = ("reference", "foreach", "compiled")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2): Sophia's update is elementwise, so each rank
+    updates its own shard; plain tensors pass through."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Sophia(torch.optim.Optimizer):
+    """Sophia's update rule; the Hessian estimate comes from outside via update_hessian().
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: peak learning rate; the largest step any coordinate can take.
+        betas: (beta1, beta2): EMA rates of the gradient and of the Hessian estimates.
+        rho: the paper's gamma; scales h in the denominator and so sets how many
+            coordinates are clipped (tune it so 10-50% are not).
+        weight_decay: decoupled, applied as theta <- theta (1 - lr wd).
+        eps: floor of the denominator; also what makes h <= 0 fall back to sign(m).
+        maximize: ascend instead of descend.
+        impl: "reference", "foreach", "compiled", or "auto" (compiled on CUDA, else foreach).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.04, weight_decay: float = 1e-1, eps: float = 1e-12,
+                 maximize: bool = False, impl: str = "auto"):
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
+        if not rho >= 0.0:
+            raise ValueError(f"invalid rho={rho}: must be >= 0")
+        if not eps >= 0.0:
+            raise ValueError(f"invalid eps={eps}: must be >= 0")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay={weight_decay}: must be >= 0")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"invalid beta{i + 1}={beta}: must lie in [0, 1)")
+        if impl not in IMPLEMENTATIONS + ("auto",):
+            raise ValueError(f"invalid impl={impl!r}: choose one of {IMPLEMENTATIONS + ('auto',)}")
+        defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
+                        maximize=maximize)
+        super().__init__(params, defaults)
+        self.impl = impl
+        # Statistics accumulate on the device and are read (one sync) by stats().
+        self._stat_unclipped: Tensor | None = None
+        self._stat_coords = 0
+        self._stat_skipped_estimates: Tensor | None = None
+        self._lr_tensors: dict[torch.device, Tensor] = {}
+
+    def _state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _resolve_impl(self, device: torch.device, any_dtensor: bool) -> str:
+        if self.impl != "auto":
+            impl = self.impl
+        else:
+            impl = "compiled" if device.type == "cuda" else "foreach"
+        if impl == "compiled" and any_dtensor:
+            return "foreach"  # inductor does not trace DTensor shards through our list op
+        return impl
+
+    @torch.no_grad()
+    def update_hessian(self, h_hat: Sequence[Tensor | None]) -> None:
+        """Fold one diagonal-Hessian estimate into the EMA: h <- beta2 h + (1 - beta2) h_hat.
+
+        `h_hat` lists one tensor per parameter, in param-group order (None skips a
+        parameter). If any entry is NaN or Inf the whole estimate is dropped (h keeps its
+        value) and counted in stats()["skipped_estimates"]; this check costs no host sync.
+        """
+        pairs = []
+        it = iter(h_hat)
+        for group in self.param_groups:
+            for p in group["params"]:
+                try:
+                    est = next(it)
+                except StopIteration:
+                    raise ValueError("h_hat has fewer entries than the optimizer has parameters") from None
+                if est is not None:
+                    pairs.append((group, self._state(p)["hessian"], est))
+        if next(it, None) is not None:
+            raise ValueError("h_hat has more entries than the optimizer has parameters")
+        if not pairs:
+            return
+        hessians = [_local(h) for _, h, _ in pairs]
+        estimates = [_local(e).to(h.dtype) for _, h, e in pairs]
+        finite = torch.stack([torch.isfinite(e).all() for e in estimates]).all()
+        if self._stat_skipped_estimates is None:
+            self._stat_skipped_estimates = torch.zeros((), device=hessians[0].device)
+        self._stat_skipped_estimates += (~finite).float()
+        # Blend in place per beta2 group; where the estimate is not finite, weight 0.
+        for (group, _, _), h, e in zip(pairs, hessians, estimates):
+            beta2 = group["betas"][1]
+            weight = torch.where(finite, 1.0 - beta2, 0.0).to(h.dtype)
+            h.lerp_(torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0), weight)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, hessians, steps = [], [], [], [], []
+            any_dtensor = False
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Sophia does not support sparse gradients")
+                state = self._state(p)
+                any_dtensor |= isinstance(p, DTensor)
+                params.append(_local(p))
+                grads.append(_local(p.grad))
+                exp_avgs.append(_local(state["exp_avg"]))
+                hessians.append(_local(state["hessian"]))
+                steps.append(state["step"])
+            if not params:
+                continue
+            torch._foreach_add_(steps, 1.0)
+            beta1, _ = group["betas"]
+            impl = self._resolve_impl(params[0].device, any_dtensor)
+            args = (params, grads, exp_avgs, hessians)
+            kwargs = dict(beta1=beta1, rho=group["rho"], weight_decay=group["weight_decay"],
+                          eps=group["eps"], maximize=group["maximize"])
+            if impl == "reference":
+                unclipped = _update_reference(*args, lr=group["lr"], **kwargs)
+            elif impl == "foreach":
+                unclipped = _update_foreach(*args, lr=group["lr"], **kwargs)
+            else:
+                unclipped = _update_compiled(*args, lr=self._lr_tensor(group["lr"], params[0].device),
+                                             **kwargs)
+            if self._stat_unclipped is None:
+                self._stat_unclipped = torch.zeros((), device=params[0].device, dtype=torch.float64)
+            self._stat_unclipped += unclipped
+            self._stat_coords += sum(p.numel() for p in params)
+        return loss
+
+    def _lr_tensor(self, lr: float, device: torch.device) -> Tensor:
+        t = self._lr_tensors.get(device)
+        if t is None:
+            t = self._lr_tensors[device] = torch.zeros((), device=device)
+        t.fill_(lr)
+        return t
+
+    @torch.no_grad()
+    def stats(self, reset: bool = True) -> dict[str, float]:
+        """Statistics since the last reset (one host sync; all-reduced under torch.distributed
+        when the parameters are sharded DTensors):
+            win_rate          fraction of coordinate updates that were not clipped
+            hessian_norm      l2 norm of the Hessian EMA h
+            skipped_estimates estimates dropped by update_hessian for non-finite values
+        """
+        hessians = [self.state[p]["hessian"] for g in self.param_groups for p in g["params"]
+                    if "hessian" in self.state[p]]
+        sharded = any(isinstance(h, DTensor) for h in hessians)
+        device = hessians[0].device if hessians else torch.device("cpu")
+        if hessians:
+            local = [_local(h) for h in hessians]
+            sq = torch.stack([torch.linalg.vector_norm(h.float()) ** 2 for h in local]).sum()
+        else:
+            sq = torch.zeros((), device=device)
+        unclipped = self._stat_unclipped if self._stat_unclipped is not None else torch.zeros((), device=device)
+        skipped = (self._stat_skipped_estimates if self._stat_skipped_estimates is not None
+                   else torch.zeros((), device=device))
+        values = torch.stack([unclipped.double().to(device), sq.double(),
+                              torch.tensor(float(self._stat_coords), dtype=torch.float64, device=device),
+                              skipped.double().to(device)])
+        if sharded and dist.is_initialized():
+            dist.all_reduce(values[:3])
+        unclipped_v, sq_v, coords_v, skipped_v = values.tolist()
+        if reset:
+            self._stat_unclipped = None
+            self._stat_coords = 0
+            self._stat_skipped_estimates = None
+        return dict(win_rate=unclipped_v / coords_v if coords_v else float("nan"),
+                    hessian_norm=math.sqrt(sq_v), skipped_estimates=skipped_v)
+
+
+class SophiaG(Sophia):
+    """Sophia with the Gauss-Newton-Bartlett estimator (pair it with `gnb_hessian`).
+    Paper defaults: betas (0.965, 0.99), rho 0.05, weight decay 0.2."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.05, weight_decay: float = 0.2, eps: float = 1e-12,
+                 maximize: bool = False, impl: str = "auto"):
+        super().__init__(params, lr, betas, rho, weight_decay, eps, maximize, impl)
+
+
+class SophiaH(Sophia):
+    """Sophia with Hutchinson's estimator (pair it with `hutchinson_hessian`).
+    Paper defaults: betas (0.965, 0.99), rho 0.01, weight decay 0.2."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.01, weight_decay: float = 0.2, eps: float = 1e-12,
+                 maximize: bool = False, impl: str = "auto"):
+        super().__init__(params, lr, betas, rho, weight_decay, eps, maximize, impl)
+
+
+# ----------------------------------------------------------------------------- update rules
+# Each returns the number of coordinates whose update was not clipped, as a 0-dim tensor.
+
+def _update_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
+                      maximize) -> Tensor:
+    unclipped = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
+        g = -g if maximize else g
+        m.lerp_(g, 1.0 - beta1)
+        p.mul_(1.0 - lr * weight_decay)
+        ratio = m / torch.clamp(rho * h, min=eps)
+        unclipped += (ratio.abs() < 1).sum()
+        p.add_(ratio.clamp(-1.0, 1.0), alpha=-lr)
+    return unclipped
+
+
+def _update_foreach(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
+                    maximize) -> Tensor:
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    denom = torch._foreach_mul(hessians, rho)
+    torch._foreach_clamp_min_(denom, eps)
+    ratio = torch._foreach_div(exp_avgs, denom)
+    del denom
+    # |ratio| < 1 before the clip is the same as |clamped| < 1 after it.
+    torch._foreach_clamp_min_(ratio, -1.0)
+    torch._foreach_clamp_max_(ratio, 1.0)
+    unclipped = torch.stack([(r.abs() < 1).sum() for r in ratio]).sum().double()
+    torch._foreach_add_(params, ratio, alpha=-lr)
+    return unclipped
+
+
+def _update_fused(params, grads, exp_avgs, hessians, lr: Tensor, beta1: float, rho: float,
+                  weight_decay: float, eps: float, maximize: bool) -> Tensor:
+    """One elementwise expression per tensor, for inductor to fuse: reads p, g, m, h and
+    writes p, m (24 bytes per fp32 parameter)."""
+    unclipped = []
+    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
+        g = -g if maximize else g
+        m_new = torch.lerp(m, g, 1.0 - beta1)
+        ratio = m_new / torch.clamp(h * rho, min=eps)
+        unclipped.append((ratio.abs() < 1).sum())
+        m.copy_(m_new)
+        p.copy_(p * (1.0 - lr * weight_decay) - lr * ratio.clamp(-1.0, 1.0))
+    return torch.stack(unclipped).sum().double()
+
+
+_compiled_fused = None
+
+
+def _update_compiled(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
+                     maximize) -> Tensor:
+    global _compiled_fused
+    if _compiled_fused is None:
+        _compiled_fused = torch.compile(_update_fused, fullgraph=True, dynamic=False)
+    return _compiled_fused(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps,
+                           maximize)
+
+
+# ----------------------------------------------------------------------------- estimators
+
+def _average_across_ranks(tensors: list[Tensor]) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
+
+
+def sample_labels(logits: Tensor, uniform: Tensor) -> Tensor:
+    """Draw one label per row of `logits` (..., V) from softmax(logits) by inverting the
+    CDF at `uniform` (...,): one softmax and one cumsum over the logits, no host sync,
+    and the draw is a pure function of the uniforms (so it is reproducible across ranks
+    and restarts). torch.distributions.Categorical would copy the logits and sync."""
+    cdf = torch.softmax(logits.float(), dim=-1).cumsum_(dim=-1)
+    # Scale by the last cdf value so rounding in the sum cannot put u past the end.
+    target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
+    labels = torch.searchsorted(cdf, target).squeeze(-1)
+    return labels.clamp_(max=logits.size(-1) - 1)
+
+
+def gnb_hessian(model: Callable, params: list[Tensor], inputs: list[Tensor], generator: torch.Generator,
+                rank: int = 0, world_size: int = 1, autocast=None, loss_scale: float = 1.0) -> list[Tensor]:
+    """Gauss-Newton-Bartlett estimate (paper Algorithm 2): h_hat = B g_hat * g_hat, where
+    g_hat is the gradient of the mean cross-entropy against labels sampled from the
+    model's own softmax over B predictions (all tokens of the estimator's batch, summed
+    over ranks).
+
+    `model(x)` returns (logits, _); `inputs` are this rank's input chunks (B_i, T);
+    `generator` must be seeded identically on every rank: each rank draws the uniforms of
+    the whole global batch and uses its own slice, so 2 ranks compute exactly what one
+    process computes on the same data. The gradient is not clipped.
+    """
+    local_preds = sum(x.numel() for x in inputs)
+    global_preds = local_preds * world_size
+    uniforms = torch.rand(global_preds, generator=generator, device=generator.device)
+    uniforms = uniforms[rank * local_preds:(rank + 1) * local_preds].to(inputs[0].device)
+    total = [torch.zeros_like(p) for p in params]
+    offset = 0
+    for x in inputs:
+        with autocast or contextlib.nullcontext():
+            logits, _ = model(x)
+        u = uniforms[offset:offset + x.numel()].view(x.shape)
+        offset += x.numel()
+        y = sample_labels(logits.detach(), u)
+        # Sum here and divide by the rank's prediction count: the mean over all local tokens.
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
+                               reduction="sum") / local_preds
+        grads = torch.autograd.grad(loss * loss_scale, params, allow_unused=True)
+        for t, g in zip(total, grads):
+            if g is not None:
+                t.add_(g)
+    _average_across_ranks(total)
+    scale = global_preds / (loss_scale * loss_scale)
+    return [scale * g * g for g in total]
+
+
+def hutchinson_hessian(model: Callable, params: list[Tensor], batches: list[tuple[Tensor, Tensor]],
+                       generator: torch.Generator, autocast=None,
+                       loss_scale: float = 1.0) -> list[Tensor]:
+    """Hutchinson estimate (paper Algorithm 1): h_hat = u * (H u), u ~ N(0, I), H the Hessian
+    of the mean loss over `batches` (this rank's (x, y) chunks) and over ranks.
+
+    One Hessian-vector product by double backward through torch.autograd.grad (not
+    backward(create_graph=True), which leaks the graph into .grad), with the math attention
+    kernel forced: flash attention has no double backward. Pass the uncompiled module.
+    `generator` must be seeded identically on every rank so u is shared and the all-reduced
+    H u is the product with the global Hessian.
+    """
+    u = [torch.randn(p.shape, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+         for p in params]
+    hvp = [torch.zeros_like(p) for p in params]
+    with math_attention():
+        for x, y in batches:
+            with autocast or contextlib.nullcontext():
+                _, loss = model(x, y)
+            loss = loss * (loss_scale / len(batches))
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            dot = sum((g * v).sum() for g, v in zip(grads, u))
+            for acc, hv in zip(hvp, torch.autograd.grad(dot, params)):
+                acc.add_(hv)
+    _average_across_ranks(hvp)
+    return [v * hv / loss_scale for v, hv in zip(u, hvp)]
+

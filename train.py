@@ -1,0 +1,606 @@
+"""Train a GPT-2 with Sophia-G, Sophia-H, AdamW or Lion: one loop for every optimizer.
+
+Single process:   python train.py config/train_shakespeare_char.py --max_iters=500
+DDP, one node:    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_sophiag.py
+Every default below can be overridden by a config file or --key=value; --help lists them.
+
+Every optimizer runs through the same step (loss / accumulation steps, gradient clipping,
+LR schedule, data order); Sophia adds one call of its Hessian estimator every
+`hess_interval` steps, just before the step, on the first `hess_batch_size` sequences of
+that step's batch (paper Algorithm 3: h_t is estimated at theta_t and used at step t).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import configurator
+from configurator import UserError
+from model import GPT, GPTConfig
+
+# ----------------------------------------------------------------------------- defaults
+# GPT-2 small (124M) on OpenWebText with AdamW, batch 480 x 1024 tokens (paper Table 2).
+# I/O
+out_dir = "out"  # checkpoints, metrics.jsonl and config.json are written here
+eval_interval = 1000  # steps between evaluations (and checkpoints)
+log_interval = 10  # steps between console log lines
+eval_iters = 200  # batches per split in each evaluation (the same batches every time)
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
+init_from = "scratch"  # 'scratch', 'resume' (latest checkpoint in out_dir) or 'gpt2', 'gpt2-medium', ...
+# wandb logging
+wandb_log = False  # log to Weights & Biases (offline mode when no API key is set)
+wandb_project = "sophia"  # wandb project name
+wandb_run_name = "gpt2"  # wandb run name
+# data
+dataset = "openwebtext"  # folder under data/ holding train.bin, val.bin, meta.json
+gradient_accumulation_steps = 40  # micro-steps per step over ALL ranks (divided by the world size)
+batch_size = 12  # sequences per micro-step per rank
+block_size = 1024  # context length in tokens
+# model
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads
+n_embd = 768  # embedding width
+dropout = 0.0  # dropout rate (0 for pre-training)
+bias = False  # biases in Linear layers and LayerNorms
+scale_attn_by_inverse_layer_idx = False  # divide attention scores by the layer index + 1
+# optimizer
+optimizer_name = "adamw"  # 'adamw', 'lion', 'sophiag' or 'sophiah'
+learning_rate = 6e-4  # peak learning rate
+max_iters = 100000  # total optimizer steps
+weight_decay = 1e-1  # decoupled weight decay on matrices and embeddings
+beta1 = 0.9  # AdamW/Lion/Sophia beta1 (gradient EMA)
+beta2 = 0.95  # AdamW beta2, Lion beta2, Sophia's Hessian EMA rate
+grad_clip = 1.0  # clip the gradient to this global norm (0 disables)
+rho = 0.05  # Sophia's clipping scale gamma (paper: 0.05 for Sophia-G, 0.01 for Sophia-H)
+hess_interval = 10  # Sophia: steps between Hessian estimates (k)
+hess_batch_size = 240  # Sophia: sequences in each Hessian estimate, over all ranks
+optimizer_impl = "auto"  # Sophia's update kernels: 'auto', 'reference', 'foreach' or 'compiled'
+# learning rate schedule
+decay_lr = True  # linear warmup then cosine decay; False keeps learning_rate constant
+warmup_iters = 2000  # steps of linear warmup
+lr_decay_iters = 100000  # step at which the cosine reaches min_lr (usually max_iters)
+min_lr = 3e-5  # final learning rate (paper: 0.05 x peak)
+# system
+device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16; float32 on CPU), or explicit
+compile = True  # torch.compile the model
+seed = 1337  # seeds model init, data order and the estimator's random draws
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: globals()[k] for k in configurator.config_keys(dict(globals()))}
+OPTIMIZERS = ("adamw", "lion", "sophiag", "sophiah")
+CHECKPOINT = "ckpt.pt"
+
+
+class Config(dict):
+    """The run's settings; attribute access keeps the loop readable."""
+    __getattr__ = dict.__getitem__
+
+
+# ----------------------------------------------------------------------------- setup
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks the config before anything is built or written; raises UserError."""
+    if cfg.optimizer_name not in OPTIMIZERS:
+        raise UserError(f"optimizer_name={cfg.optimizer_name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "log_interval",
+                "eval_interval", "hess_interval", "n_layer", "n_head", "n_embd"):
+        if cfg[key] <= 0:
+            raise UserError(f"{key}={cfg[key]} must be a positive integer")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "rho"):
+        if cfg[key] < 0:
+            raise UserError(f"{key}={cfg[key]} must be >= 0")
+    if cfg.max_iters < 0 or cfg.warmup_iters < 0:
+        raise UserError("max_iters and warmup_iters must be >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise UserError(f"{key}={cfg[key]} must lie in [0, 1)")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}; "
+                        f"pick n_embd as a multiple of n_head")
+    if cfg.gradient_accumulation_steps % world_size:
+        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
+                        f"the world size {world_size}; make it a multiple of {world_size}")
+    if cfg.optimizer_name.startswith("sophia"):
+        local_accum = cfg.gradient_accumulation_steps // world_size
+        if cfg.hess_batch_size <= 0 or cfg.hess_batch_size % world_size:
+            raise UserError(f"hess_batch_size={cfg.hess_batch_size} must be a positive multiple of the "
+                            f"world size {world_size}")
+        if cfg.hess_batch_size // world_size > cfg.batch_size * local_accum:
+            raise UserError(f"hess_batch_size={cfg.hess_batch_size} exceeds the batch of one step "
+                            f"({cfg.batch_size * local_accum * world_size} sequences); lower it")
+    if cfg.init_from not in ("scratch", "resume") and not cfg.init_from.startswith("gpt2"):
+        raise UserError(f"init_from={cfg.init_from!r}: use 'scratch', 'resume' or a GPT-2 name like 'gpt2'")
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={requested!r} but this machine has no CUDA GPU; use --device=cpu or --device=auto")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device='mps' but MPS is not available here; use --device=cpu or --device=auto")
+    return requested
+
+
+def pick_dtype(requested: str, device_type: str) -> str:
+    if requested == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if requested not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype={requested!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    if requested == "float16" and device_type != "cuda":
+        raise UserError("dtype='float16' needs a CUDA GPU (it trains with a GradScaler); use bfloat16 or float32")
+    return requested
+
+
+class Batches:
+    """Random (x, y) windows from a uint16 token file; the order is a function of the seed
+    and rank only, so every optimizer sees the same data, and it is resumable."""
+
+    def __init__(self, path: Path, block_size: int, batch_size: int, seed: int, device: str):
+        self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.n_tokens = len(np.memmap(path, dtype=np.uint16, mode="r"))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # A fresh memmap per batch avoids the memory growth of a long-lived one (nanoGPT #93).
+        data = np.memmap(self.path, dtype=np.uint16, mode="r")
+        ix = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+def prepare_dataset(data_dir: Path, is_master: bool) -> None:
+    """Build the embedded Shakespeare datasets on first use; other datasets must be prepared."""
+    if (data_dir / "train.bin").exists() and (data_dir / "val.bin").exists():
+        return
+    script = data_dir / "prepare.py"
+    if data_dir.name in ("shakespeare_char", "shakespeare") and script.exists():
+        if is_master:
+            import subprocess
+            print(f"preparing {data_dir.name} (first run)...")
+            subprocess.run([sys.executable, str(script)], check=True)
+        if dist.is_initialized():
+            dist.barrier()
+        return
+    raise UserError(f"{data_dir}/train.bin not found; prepare the data first with "
+                    f"`python {script}`" + ("" if script.exists() else f" (no such script: create {script})"))
+
+
+def check_token_file(path: Path, vocab_size: int, block_size: int) -> None:
+    """Refuse files that would crash or silently corrupt training: too short, odd size,
+    or holding token ids the model cannot embed."""
+    if not path.exists():
+        raise UserError(f"{path} not found; rerun the dataset's prepare.py")
+    size = path.stat().st_size
+    if size % 2:
+        raise UserError(f"{path} has an odd size ({size} bytes): it is not a uint16 token file or is "
+                        f"truncated; rerun the dataset's prepare.py")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    if len(data) <= block_size + 1:
+        raise UserError(f"{path} holds {len(data)} tokens, not more than block_size+1={block_size + 1}; "
+                        f"lower --block_size or use more data")
+    # Full scan up to 2^31 tokens; beyond, 256 evenly spaced chunks of 1M tokens.
+    chunk = 1 << 20
+    starts = range(0, len(data), chunk) if len(data) <= 1 << 31 else np.linspace(0, len(data) - chunk, 256).astype(np.int64)
+    top = max(int(data[s:s + chunk].max()) for s in starts)
+    if top >= vocab_size:
+        raise UserError(f"{path} holds token id {top} but the model's vocab_size is {vocab_size}; "
+                        f"the data was tokenized for another vocabulary: rerun its prepare.py")
+
+
+def read_meta(data_dir: Path) -> dict:
+    path = data_dir / "meta.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    groups = model.param_groups(cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer_name == "adamw":
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
+    if cfg.optimizer_name == "lion":
+        from lion_pytorch import Lion
+        return Lion(groups, lr=cfg.learning_rate, betas=betas)
+    from sophia import SophiaG, SophiaH
+    cls = SophiaG if cfg.optimizer_name == "sophiag" else SophiaH
+    return cls(groups, lr=cfg.learning_rate, betas=betas, rho=cfg.rho, impl=cfg.optimizer_impl)
+
+
+class HessianEstimator:
+    """Sophia's estimator pass: picks the step's first `hess_batch_size` sequences, calls
+    gnb_hessian or hutchinson_hessian, and folds the result into the optimizer."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, eager_model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, rank: int, world_size: int, autocast, loss_scale,
+                 device: str):
+        self.cfg, self.optimizer, self.rank, self.world_size = cfg, optimizer, rank, world_size
+        # GNB needs only a first-order gradient: the compiled model is fine. Hutchinson needs
+        # a double backward, which torch.compile does not support: use the eager module.
+        self.model = model if cfg.optimizer_name == "sophiag" else eager_model
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.autocast, self.loss_scale = autocast, loss_scale
+        self.local_sequences = cfg.hess_batch_size // world_size
+        # Same seed on every rank: the draws are shared and sliced (see the estimators).
+        gen_device = device if device.startswith("cuda") else "cpu"
+        self.generator = torch.Generator(device=gen_device).manual_seed(cfg.seed + 7919)
+        self.seconds = 0.0
+
+    def __call__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from sophia import gnb_hessian, hutchinson_hessian
+        t0 = time.perf_counter()
+        chunks, left = [], self.local_sequences
+        for x, y in batches:
+            if left <= 0:
+                break
+            chunks.append((x[:left], y[:left]))
+            left -= len(x)
+        scale = self.loss_scale()
+        if self.cfg.optimizer_name == "sophiag":
+            h_hat = gnb_hessian(self.model, self.params, [x for x, _ in chunks], self.generator,
+                                self.rank, self.world_size, self.autocast, scale)
+        else:
+            h_hat = hutchinson_hessian(self.model, self.params, chunks, self.generator, self.autocast, scale)
+        self.optimizer.update_hessian(h_hat)
+        self.seconds += time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a temporary file, fsync, then rename, so a crash mid-write leaves
+    the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: str) -> dict:
+    if not path.exists():
+        raise UserError(f"init_from='resume' but {path} does not exist; train from scratch first "
+                        f"or point --out_dir at the run to resume")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not "
+                        f"a checkpoint of this project") from e
+
+
+def rng_state(batches: Batches, estimator: HessianEstimator | None) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "data": batches.generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if estimator is not None:
+        state["estimator"] = estimator.generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, batches: Batches, estimator: HessianEstimator | None) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    batches.generator.set_state(state["data"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    if estimator is not None and "estimator" in state:
+        estimator.generator.set_state(state["estimator"].cpu())
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def get_lr(cfg: Config, it: int) -> float:
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast, device: str,
+                  rank: int) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split, averaged over ranks. The batches come
+    from a fixed seed, so every evaluation of every run scores the same windows."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        batches = Batches(data_dir / f"{split}.bin", cfg.block_size, cfg.batch_size, cfg.seed + 1000 + rank, device)
+        losses = torch.zeros(cfg.eval_iters, device=device)
+        for k in range(cfg.eval_iters):
+            x, y = batches.next()
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss
+        mean = losses.mean()
+        if dist.is_initialized():
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        out[split] = mean.item()
+    model.train()
+    return out
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               batches: list[tuple[torch.Tensor, torch.Tensor]], autocast, grad_clip: float,
+               ddp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over the micro-batches of this rank; the same for every optimizer.
+    Returns (mean loss, gradient norm before clipping) as device tensors (no host sync)."""
+    total = torch.zeros((), device=batches[0][0].device)
+    for i, (x, y) in enumerate(batches):
+        if ddp:
+            # All-reduce gradients only on the last micro-step.
+            model.require_backward_grad_sync = i == len(batches) - 1
+        with autocast:
+            _, loss = model(x, y)
+            loss = loss / len(batches)
+        total += loss.detach()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total, norm
+
+
+@configurator.exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    """Train; returns the final metrics (used by tests and scripts)."""
+    cfg = Config(configurator.parse(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__))
+
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    validate(cfg, world_size)
+    dev = pick_device(cfg.device)
+    if ddp and dev.startswith("cuda"):
+        dev = f"cuda:{local_rank}"
+        torch.cuda.set_device(dev)
+    device_type = "cuda" if dev.startswith("cuda") else dev
+    if ddp:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    master = rank == 0
+    try:
+        return run(cfg, dev, device_type, rank, world_size, ddp, master)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp: bool, master: bool) -> dict:
+    out_dir = Path(cfg.out_dir)
+    if master:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir={str(out_dir)!r} ({e.strerror}); choose another --out_dir")
+    local_accum = cfg.gradient_accumulation_steps // world_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    torch.manual_seed(cfg.seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype_name = pick_dtype(cfg.dtype, device_type)
+    ptdtype = getattr(torch, dtype_name)
+    autocast = nullcontext() if dtype_name == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+    data_dir = Path(__file__).resolve().parent / "data" / cfg.dataset
+    if not data_dir.is_dir():
+        raise UserError(f"dataset {cfg.dataset!r} not found: no folder {data_dir}; "
+                        f"choose one of {', '.join(sorted(p.name for p in data_dir.parent.iterdir() if p.is_dir()))}")
+    prepare_dataset(data_dir, master)
+    meta = read_meta(data_dir)
+
+    # model
+    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                      bias=cfg.bias, vocab_size=None, dropout=cfg.dropout,
+                      scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx)
+    checkpoint = None
+    if cfg.init_from == "resume":
+        checkpoint = load_checkpoint(out_dir / CHECKPOINT, dev)
+        saved = checkpoint["model_args"]
+        changed = {k: (saved[k], model_args[k]) for k in model_args if k != "vocab_size" and saved.get(k) != model_args[k]}
+        if changed:
+            k, (a, b) = next(iter(changed.items()))
+            raise UserError(f"checkpoint in {out_dir} has {k}={a!r} but the config asks for {b!r}; resume with the "
+                            f"config the run was started with, or use a new --out_dir")
+        model_args = saved
+        model = GPT(GPTConfig(**model_args))
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint in {out_dir} does not fit the model ({str(e).splitlines()[0]}); "
+                            f"use a new --out_dir") from e
+    elif cfg.init_from.startswith("gpt2"):
+        model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        model_args = {k: getattr(model.config, k) for k in model_args}
+    else:
+        model_args["vocab_size"] = meta.get("vocab_size", 50304) if meta.get("tokenizer") == "char" else 50304
+        model = GPT(GPTConfig(**model_args))
+    for split in ("train", "val"):
+        check_token_file(data_dir / f"{split}.bin", model.config.vocab_size, cfg.block_size)
+    model.to(dev)
+
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == "float16"))
+    optimizer = build_optimizer(cfg, model, device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if checkpoint is not None:
+        if checkpoint["config"]["optimizer_name"] != cfg.optimizer_name:
+            raise UserError(f"checkpoint in {out_dir} was trained with {checkpoint['config']['optimizer_name']}, "
+                            f"not {cfg.optimizer_name}; resume with the same optimizer_name or use a new --out_dir")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+
+    eager_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
+    raw_model = model.module if ddp else model  # compiled (or not), without the DDP wrapper
+
+    batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, cfg.seed + rank, dev)
+    estimator = None
+    if cfg.optimizer_name.startswith("sophia"):
+        estimator = HessianEstimator(cfg, raw_model, eager_model, optimizer, rank, world_size, autocast,
+                                     scaler.get_scale if scaler.is_enabled() else (lambda: 1.0), dev)
+    if checkpoint is not None:
+        if checkpoint.get("world_size") == world_size:
+            set_rng_state(checkpoint["rng"][rank], batches, estimator)
+        elif master:
+            print(f"resuming with world size {world_size} (was {checkpoint.get('world_size')}): "
+                  f"the data order continues differently, so the run is no longer bitwise the same")
+        checkpoint = None  # free the memory
+
+    wandb = None
+    if master:
+        n_params = eager_model.get_num_params()
+        print(f"{n_params / 1e6:.2f}M parameters, {cfg.optimizer_name}, {tokens_per_iter:,} tokens per step, "
+              f"device {dev}, dtype {dtype_name}, world size {world_size}")
+        (out_dir / "config.json").write_text(json.dumps(dict(cfg), indent=2))
+        if cfg.wandb_log:
+            wandb = init_wandb(cfg)
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
+
+    def log(record: dict) -> None:
+        if master:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if wandb is not None:
+                wandb.log(record, step=record["iter"])
+
+    def checkpoint_state() -> dict:
+        rngs = [None] * world_size
+        mine = rng_state(batches, estimator)
+        if ddp:
+            dist.all_gather_object(rngs, mine)
+        else:
+            rngs = [mine]
+        return {"model": eager_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
+                "best_val_loss": best_val_loss, "config": dict(cfg), "rng": rngs, "world_size": world_size}
+
+    last_eval: dict = {}
+    start_iter = iter_num
+    loss_sum = torch.zeros((), device=dev)
+    clip_count = torch.zeros((), device=dev)
+    steps_since_log = 0
+    t_log = time.perf_counter()
+    while True:
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
+            losses = estimate_loss(model, cfg, data_dir, autocast, dev, rank)
+            last_eval = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+            if master:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({"kind": "eval", **last_eval})
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                state = checkpoint_state()
+                if master:
+                    save_checkpoint(out_dir / CHECKPOINT, state)
+            t_log = time.perf_counter()  # evaluation time is not training time
+        if iter_num >= cfg.max_iters or cfg.eval_only:
+            break
+
+        lr = get_lr(cfg, iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_batches = [batches.next() for _ in range(local_accum)]
+        if estimator is not None and iter_num % cfg.hess_interval == 0:
+            estimator(step_batches)
+        loss, norm = train_step(model, optimizer, scaler, step_batches, autocast, cfg.grad_clip, ddp)
+        loss_sum += loss
+        if cfg.grad_clip > 0:
+            clip_count += (norm > cfg.grad_clip).float()
+        iter_num += 1
+        steps_since_log += 1
+
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            lossf = loss_sum.item() / steps_since_log  # the sync point of the loop
+            dt = (time.perf_counter() - t_log) / steps_since_log
+            record = {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
+                      "tokens_per_s": tokens_per_iter / dt, "grad_norm": norm.item(),
+                      "clip_frac": clip_count.item() / steps_since_log}
+            mfu = eager_model.estimate_mfu(tokens_per_iter // world_size, dt, dev)
+            line = f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms"
+            if mfu is not None:
+                record["mfu"] = mfu
+                line += f", mfu {mfu * 100:.2f}%"
+            line += f", lr {lr:.2e}, tok/s {tokens_per_iter / dt:,.0f}"
+            if estimator is not None:
+                stats = optimizer.stats()
+                record.update(win_rate=stats["win_rate"], hessian_norm=stats["hessian_norm"],
+                              skipped_estimates=stats["skipped_estimates"],
+                              estimator_ms=estimator.seconds * 1000 / steps_since_log)
+                line += f", win {stats['win_rate']:.3f}, |h| {stats['hessian_norm']:.3g}"
+                estimator.seconds = 0.0
+            if master:
+                print(line)
+            log(record)
+            loss_sum.zero_()
+            clip_count.zero_()
+            steps_since_log = 0
+            t_log = time.perf_counter()
+
+    if metrics_file is not None:
+        metrics_file.close()
+    if wandb is not None:
+        wandb.finish()
+    return last_eval
+
+
+def init_wandb(cfg: Config):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True but wandb is not installed; `pip install wandb` or drop --wandb_log") from None
+    # Never block a batch job on a login prompt: without credentials, log offline.
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE") and not Path.home().joinpath(".netrc").exists():
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no API key found, logging offline (sync later with `wandb sync`)")
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dict(cfg))
+
+
+if __name__ == "__main__":
+    main()
