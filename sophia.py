@@ -63,8 +63,8 @@ class Sophia(torch.optim.Optimizer):
             raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
         if not rho >= 0.0:
             raise ValueError(f"invalid rho={rho}: must be >= 0")
-        if not eps >= 0.0:
-            raise ValueError(f"invalid eps={eps}: must be >= 0")
+        if not eps > 0.0:  # eps = 0 makes m = 0 with h <= 0 a 0/0 = NaN update
+            raise ValueError(f"invalid eps={eps}: must be > 0")
         if not weight_decay >= 0.0:
             raise ValueError(f"invalid weight_decay={weight_decay}: must be >= 0")
         for i, beta in enumerate(betas):
@@ -80,7 +80,7 @@ class Sophia(torch.optim.Optimizer):
         self._stat_unclipped: Tensor | None = None
         self._stat_coords = 0
         self._stat_skipped_estimates: Tensor | None = None
-        self._lr_tensors: dict[torch.device, Tensor] = {}
+        self._lr_tensors: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def _state(self, p: Tensor) -> dict:
         state = self.state[p]
@@ -167,7 +167,9 @@ class Sophia(torch.optim.Optimizer):
             elif impl == "foreach":
                 unclipped = _update_foreach(*args, lr=group["lr"], **kwargs)
             else:
-                unclipped = _update_compiled(*args, lr=self._lr_tensor(group["lr"], params[0].device),
+                # lr in float64 for float64 parameters: in float32, 1 - lr wd loses ~1e-8.
+                lr_dtype = torch.promote_types(params[0].dtype, torch.float32)
+                unclipped = _update_compiled(*args, lr=self._lr_tensor(group["lr"], params[0].device, lr_dtype),
                                              **kwargs)
             if self._stat_unclipped is None:
                 self._stat_unclipped = torch.zeros((), device=params[0].device, dtype=torch.float64)
@@ -175,10 +177,10 @@ class Sophia(torch.optim.Optimizer):
             self._stat_coords += sum(p.numel() for p in params)
         return loss
 
-    def _lr_tensor(self, lr: float, device: torch.device) -> Tensor:
-        t = self._lr_tensors.get(device)
+    def _lr_tensor(self, lr: float, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+        t = self._lr_tensors.get((device, dtype))
         if t is None:
-            t = self._lr_tensors[device] = torch.zeros((), device=device)
+            t = self._lr_tensors[(device, dtype)] = torch.zeros((), device=device, dtype=dtype)
         t.fill_(lr)
         return t
 

@@ -1,0 +1,760 @@
+"""Sophia's properties as tests (sophia.py; paper Algorithms 1-3, Sections 2.1-2.3).
+
+The update under test, per coordinate:
+    m <- beta1 m + (1 - beta1) g
+    theta <- theta - lr wd theta
+    theta <- theta - lr clip(m / max(rho h, eps), -1, 1)
+and, every k steps, h <- beta2 h + (1 - beta2) h_hat via update_hessian(h_hat).
+
+Fast (well under a minute on 2 CPU cores); the only slow part is torch.compile of the
+"compiled" update, kept to a few tiny graphs.
+"""
+
+import io
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+import sophia
+from model import GPT, GPTConfig
+from sophia import (
+    Sophia,
+    SophiaG,
+    SophiaH,
+    gnb_hessian,
+    hutchinson_hessian,
+    sample_labels,
+)
+
+IMPLS = ("reference", "foreach", "compiled")
+EAGER_IMPLS = ("reference", "foreach")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8))
+
+
+def all_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def run_tiny_gpt(impl: str, steps: int = 6, hess_every: int = 2, maximize: bool = False,
+                 replay: list | None = None):
+    """Train a tiny GPT for a few steps with weight decay on one group and a positive
+    Hessian estimate folded in every `hess_every` steps; the data and the estimates are
+    the same for every impl. With `replay` (the `record` of an earlier run) the gradients
+    are those of that run instead of this model's own, so that last-ulp differences
+    cannot feed back through the model. Returns (parameters, stats, optimizer, record)."""
+    model = tiny_gpt()
+    opt = SophiaG(model.param_groups(weight_decay=0.2), lr=3e-2, betas=(0.9, 0.95), rho=0.05,
+                  maximize=maximize, impl=impl)
+    gen = torch.Generator().manual_seed(1)
+    record = []
+    for step in range(steps):
+        x = torch.randint(0, 16, (2, 8), generator=gen)
+        y = torch.randint(0, 16, (2, 8), generator=gen)
+        h_hat = [torch.rand(p.shape, generator=gen) * 0.5 + 1e-3 for p in all_params(opt)]
+        if step % hess_every == 0:
+            opt.update_hessian(h_hat)
+        if replay is None:
+            _, loss = model(x, y)
+            loss.backward()
+        else:
+            for p, g in zip(all_params(opt), replay[step]):
+                p.grad = g.clone()
+        record.append([p.grad.clone() for p in all_params(opt)])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()], opt.stats(), opt, record
+
+
+def one_tensor_opt(impl: str, theta, **kwargs) -> tuple[torch.nn.Parameter, Sophia]:
+    p = torch.nn.Parameter(torch.tensor(theta, dtype=torch.float64))
+    return p, Sophia([p], impl=impl, **kwargs)
+
+
+# ----------------------------------------------------------------------------- implementations agree
+
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+def test_every_impl_equals_the_reference_over_steps_with_hessian_refreshes_and_weight_decay(impl):
+    ref_params, ref_stats, _, record = run_tiny_gpt("reference")
+    if impl == "foreach":
+        # Same kernels in the same order: bitwise, even with the model in the loop.
+        params, stats, _, _ = run_tiny_gpt(impl)
+        assert all(torch.equal(p, ref) for p, ref in zip(params, ref_params))
+    else:
+        # Inductor may fuse a*b+c into an FMA, so the last ulp can differ; replay the
+        # reference's gradients so such differences are not amplified through the model.
+        params, stats, _, _ = run_tiny_gpt(impl, replay=record)
+        for p, ref in zip(params, ref_params):
+            torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-7)
+    n_coords = sum(p.numel() for p in ref_params) * 6
+    assert abs(stats["win_rate"] - ref_stats["win_rate"]) <= 1.0 / n_coords
+    assert stats["hessian_norm"] == pytest.approx(ref_stats["hessian_norm"], rel=1e-6)
+    assert 0.0 < ref_stats["win_rate"] < 1.0  # the run exercises both clipped and unclipped coordinates
+
+
+def test_foreach_equals_reference_with_maximize():
+    ref_params, _, _, _ = run_tiny_gpt("reference", maximize=True)
+    params, _, _, _ = run_tiny_gpt("foreach", maximize=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, params))
+
+
+def test_auto_impl_is_foreach_on_cpu():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert Sophia([p], impl="auto")._resolve_impl(p.device, any_dtensor=False) == "foreach"
+
+
+# ----------------------------------------------------------------------------- the update by hand
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hand_computed_one_parameter_example_with_clipped_and_unclipped_coordinates_and_weight_decay(impl):
+    lr, beta1, beta2, rho, wd = 0.1, 0.5, 0.5, 0.5, 0.2
+    p, opt = one_tensor_opt(impl, [1.0, -2.0], lr=lr, betas=(beta1, beta2), rho=rho, weight_decay=wd)
+    # step 1: h = 0.5*0 + 0.5*[4, 0.5] = [2, 0.25]; m = 0.5*[0.4, 3] = [0.2, 1.5]
+    #   decay: [1, -2] * (1 - 0.1*0.2) = [0.98, -1.96]
+    #   ratio = m / (0.5 h) = [0.2 / 1, 1.5 / 0.125] = [0.2, 12] -> clip -> [0.2, 1]
+    #   theta = [0.98 - 0.02, -1.96 - 0.1] = [0.96, -2.06]
+    opt.update_hessian([torch.tensor([4.0, 0.5], dtype=torch.float64)])
+    p.grad = torch.tensor([0.4, 3.0], dtype=torch.float64)
+    opt.step()
+    assert p.tolist() == pytest.approx([0.96, -2.06], abs=1e-14)
+    # step 2 (no refresh): m = 0.5*[0.2, 1.5] + 0.5*[-0.2, 1] = [0, 1.25]
+    #   decay: [0.96, -2.06] * 0.98 = [0.9408, -2.0188]
+    #   ratio = [0 / 1, 1.25 / 0.125] = [0, 10] -> [0, 1];  theta = [0.9408, -2.1188]
+    p.grad = torch.tensor([-0.2, 1.0], dtype=torch.float64)
+    opt.step()
+    assert p.tolist() == pytest.approx([0.9408, -2.1188], abs=1e-14)
+    # step 3: h = 0.5*[2, 0.25] + 0.5*[2, 6] = [2, 3.125]; m = 0.5*[0, 1.25] + 0.5*[1.2, -0.5] = [0.6, 0.375]
+    #   decay: [0.9408, -2.1188] * 0.98 = [0.921984, -2.076424]
+    #   ratio = [0.6 / 1, 0.375 / 1.5625] = [0.6, 0.24] (both unclipped)
+    #   theta = [0.921984 - 0.06, -2.076424 - 0.024] = [0.861984, -2.100424]
+    opt.update_hessian([torch.tensor([2.0, 6.0], dtype=torch.float64)])
+    p.grad = torch.tensor([1.2, -0.5], dtype=torch.float64)
+    opt.step()
+    assert p.tolist() == pytest.approx([0.861984, -2.100424], abs=1e-14)
+    state = opt.state[p]
+    assert state["exp_avg"].tolist() == pytest.approx([0.6, 0.375], abs=1e-15)
+    assert state["hessian"].tolist() == pytest.approx([2.0, 3.125], abs=1e-15)
+    assert state["step"].item() == 3
+    # unclipped coordinates: step 1: 1 of 2, step 2: 1 of 2 (ratio 0), step 3: 2 of 2
+    assert opt.stats()["win_rate"] == pytest.approx(4 / 6)
+
+
+# ----------------------------------------------------------------------------- negative curvature
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_negative_or_zero_h_gives_exactly_lr_sign_m_never_a_step_along_plus_m(impl):
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(64, generator=gen)
+    grad = torch.randn(64, generator=gen)
+    grad[::9] = 0.0  # m = 0: no step at all
+    h = -torch.rand(64, generator=gen) * 10.0
+    h[::4] = 0.0
+    h[1::4] = -1e-30  # tiny negative: rho h rounds to -0
+    p = torch.nn.Parameter(theta.clone())
+    opt = SophiaG([p], lr=0.05, betas=(0.5, 0.0), rho=0.05, weight_decay=0.0, impl=impl)
+    opt.update_hessian([h])  # beta2 = 0: h is exactly the estimate
+    assert torch.equal(opt.state[p]["hessian"], h)
+    p.grad = grad.clone()
+    opt.step()
+    m = 0.5 * grad
+    assert torch.equal(p.detach(), theta - 0.05 * torch.sign(m))
+    assert ((p.detach() - theta) * m <= 0).all()  # downhill along m, never uphill
+    assert opt.stats()["win_rate"] == pytest.approx(grad.eq(0).float().mean().item())
+
+
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
+def test_mixed_sign_h_with_large_m_never_steps_along_plus_m(impl):
+    gen = torch.Generator().manual_seed(4)
+    theta = torch.randn(1000, generator=gen)
+    p = torch.nn.Parameter(theta.clone())
+    opt = SophiaH([p], lr=0.1, betas=(0.0, 0.0), rho=0.01, weight_decay=0.0, impl=impl)
+    opt.update_hessian([torch.randn(1000, generator=gen) * 100])
+    p.grad = torch.randn(1000, generator=gen) * 100
+    opt.step()
+    assert ((p.detach() - theta) * p.grad <= 0).all()
+    assert ((p.detach() - theta).abs() <= 0.1 + 1e-7).all()
+
+
+# ----------------------------------------------------------------------------- maximize
+
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
+def test_maximize_flips_the_direction(impl):
+    gen = torch.Generator().manual_seed(5)
+    theta, grad, h = (f(50, generator=gen, dtype=torch.float64) for f in (torch.randn, torch.randn, torch.rand))
+    moves = []
+    for maximize in (False, True):
+        p = torch.nn.Parameter(theta.clone())
+        opt = SophiaG([p], lr=0.1, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0, maximize=maximize, impl=impl)
+        opt.update_hessian([h])
+        p.grad = grad.clone()
+        opt.step()
+        moves.append(p.detach() - theta)
+    torch.testing.assert_close(moves[1], -moves[0], rtol=0.0, atol=1e-15)  # theta +- step round differently
+    assert (moves[1] * grad > 0).all()  # uphill along the gradient
+    assert 0 < (moves[1].abs() < 0.1 - 1e-6).sum() < 50  # some coordinates clipped, some not
+
+
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
+def test_maximize_ascends_a_concave_function(impl):
+    p = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
+    opt = SophiaG([p], lr=0.5, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0, maximize=True, impl=impl)
+    for _ in range(20):
+        f = -(p ** 2).sum()  # maximum at 0, Hessian diagonal -2: take h = 2 (its curvature)
+        p.grad, = torch.autograd.grad(f, p)
+        opt.update_hessian([torch.full((2,), 2.0)])
+        opt.step()
+    assert p.detach().abs().max() < 1e-3
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+@pytest.mark.parametrize("kwargs, shown", [
+    ({"lr": -1e-3}, "lr=-0.001"),
+    ({"lr": float("nan")}, "lr=nan"),
+    ({"rho": -0.05}, "rho=-0.05"),
+    ({"eps": -1e-12}, "eps=-1e-12"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1"),
+    ({"betas": (1.0, 0.99)}, "beta1=1.0"),
+    ({"betas": (-0.1, 0.99)}, "beta1=-0.1"),
+    ({"betas": (0.9, 1.0)}, "beta2=1.0"),
+    ({"betas": (0.9, 1.5)}, "beta2=1.5"),
+    ({"impl": "fused"}, "impl='fused'"),
+])
+@pytest.mark.parametrize("cls", [Sophia, SophiaG, SophiaH])
+def test_invalid_hyperparameters_raise_value_error_naming_the_value(cls, kwargs, shown):
+    with pytest.raises(ValueError, match=re.escape(shown)):
+        cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_zero_eps_is_rejected_because_m_zero_and_h_zero_would_give_nan():
+    with pytest.raises(ValueError, match=re.escape("eps=0.0")):
+        Sophia([torch.nn.Parameter(torch.zeros(2))], eps=0.0)
+
+
+def test_zero_lr_rho_weight_decay_and_beta_are_valid():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = Sophia([p], lr=0.0, rho=0.0, weight_decay=0.0, betas=(0.0, 0.0))
+    p.grad = torch.ones(2)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- update_hessian
+
+def two_tensor_opt(beta2: float = 0.9):
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    return a, b, Sophia([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], betas=(0.9, beta2))
+
+
+def test_update_hessian_is_the_ema_formula():
+    a, b, opt = two_tensor_opt(beta2=0.9)
+    e1 = [torch.tensor([1.0, 2.0, -3.0]), torch.tensor([[4.0, 0.0], [1e-3, 8.0]])]
+    e2 = [torch.tensor([5.0, -1.0, 0.5]), torch.tensor([[0.25, 2.0], [1.0, 3.0]])]
+    opt.update_hessian(e1)
+    opt.update_hessian(e2)
+    for p, x1, x2 in zip((a, b), e1, e2):
+        expected = 0.9 * (0.9 * 0.0 + 0.1 * x1) + 0.1 * x2
+        torch.testing.assert_close(opt.state[p]["hessian"], expected, rtol=1e-6, atol=0.0)
+    assert opt.stats()["skipped_estimates"] == 0
+
+
+def test_update_hessian_uses_each_groups_beta2():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = Sophia([{"params": [a], "betas": (0.9, 0.5)}, {"params": [b], "betas": (0.9, 0.75)}])
+    opt.update_hessian([torch.ones(2), torch.ones(2)])
+    assert opt.state[a]["hessian"].tolist() == [0.5, 0.5]
+    assert opt.state[b]["hessian"].tolist() == [0.25, 0.25]
+
+
+def test_update_hessian_none_entry_skips_that_parameter():
+    a, b, opt = two_tensor_opt(beta2=0.5)
+    opt.update_hessian([torch.ones(3), torch.ones(2, 2)])
+    opt.update_hessian([None, torch.full((2, 2), 3.0)])
+    assert opt.state[a]["hessian"].tolist() == [0.5, 0.5, 0.5]
+    assert opt.state[b]["hessian"].tolist() == [[1.75, 1.75], [1.75, 1.75]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_estimate_anywhere_leaves_h_unchanged_and_is_counted(bad):
+    a, b, opt = two_tensor_opt(beta2=0.5)
+    opt.update_hessian([torch.ones(3), torch.ones(2, 2)])
+    before = [opt.state[p]["hessian"].clone() for p in (a, b)]
+    poisoned = torch.full((2, 2), 7.0)
+    poisoned[1, 0] = bad  # only one coordinate of the second tensor
+    opt.update_hessian([torch.full((3,), 9.0), poisoned])
+    for p, h in zip((a, b), before):
+        assert torch.equal(opt.state[p]["hessian"], h)  # neither tensor moved
+    opt.update_hessian([torch.tensor([1.0, bad, 1.0]), None])  # in the first tensor, the second skipped
+    for p, h in zip((a, b), before):
+        assert torch.equal(opt.state[p]["hessian"], h)
+    assert opt.stats()["skipped_estimates"] == 2
+    # a finite estimate afterwards is folded in as usual, and the counter was reset
+    opt.update_hessian([torch.full((3,), 3.0), torch.full((2, 2), 3.0)])
+    assert opt.state[a]["hessian"].tolist() == [1.75, 1.75, 1.75]  # 0.5 * 0.5 + 0.5 * 3
+    assert opt.stats()["skipped_estimates"] == 0
+
+
+def test_update_hessian_wrong_length_raises():
+    _, _, opt = two_tensor_opt()
+    with pytest.raises(ValueError, match="fewer"):
+        opt.update_hessian([torch.ones(3)])
+    with pytest.raises(ValueError, match="more"):
+        opt.update_hessian([torch.ones(3), torch.ones(2, 2), torch.ones(1)])
+
+
+# ----------------------------------------------------------------------------- stats
+
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
+def test_win_rate_equals_a_hand_count_since_the_last_reset_and_hessian_norm_is_the_l2_norm_of_h(impl):
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(5, 4), (7,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    lr, beta1, beta2, rho, eps = 0.01, 0.8, 0.9, 0.3, 1e-12
+    opt = SophiaG(params, lr=lr, betas=(beta1, beta2), rho=rho, eps=eps, weight_decay=0.1, impl=impl)
+    m = [torch.zeros(s) for s in shapes]
+    h = [torch.zeros(s) for s in shapes]
+    unclipped = total = 0
+    for step in range(7):
+        if step == 3:
+            opt.stats()  # reset: the count starts over
+            unclipped = total = 0
+        if step % 2 == 0:
+            est = [torch.randn(s, generator=gen) for s in shapes]  # mixed signs, like Hutchinson's
+            opt.update_hessian(est)
+            h = [beta2 * hh + (1 - beta2) * e for hh, e in zip(h, est)]
+        for p, mm, hh in zip(params, m, h):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = g
+            mm.mul_(beta1).add_((1 - beta1) * g)
+            ratio = mm / torch.clamp(rho * hh, min=eps)
+            unclipped += int((ratio.abs() < 1).sum())
+            total += mm.numel()
+        opt.step()
+    stats = opt.stats()
+    assert 0 < unclipped < total
+    assert stats["win_rate"] == pytest.approx(unclipped / total, abs=0.5 / total)
+    norm = math.sqrt(sum(float((opt.state[p]["hessian"].double() ** 2).sum()) for p in params))
+    assert stats["hessian_norm"] == pytest.approx(norm, rel=1e-6)
+    assert stats["hessian_norm"] == pytest.approx(math.sqrt(sum(float((x.double() ** 2).sum()) for x in h)),
+                                                  rel=1e-5)
+    assert math.isnan(opt.stats()["win_rate"])  # nothing since the reset
+
+
+# ----------------------------------------------------------------------------- Hutchinson
+
+def replicated_param(gen: torch.Generator, copies: int, *shape: int) -> nn.Parameter:
+    """One float64 tensor, repeated `copies` times along a new first dimension."""
+    value = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return nn.Parameter(value.expand(copies, *shape).clone())
+
+
+def per_copy(estimate: list[torch.Tensor], copies: int) -> torch.Tensor:
+    """(copies, d): each copy's coordinates, flattened in parameter order."""
+    return torch.cat([e.reshape(copies, -1) for e in estimate], dim=1)
+
+
+class ReplicatedMLP(nn.Module):
+    """`copies` identical copies of one 2-layer softmax classifier (float64) side by side:
+    model(x, y) -> (logits (R, N, C), loss), the loss being the SUM over copies of each
+    copy's mean cross-entropy on (x, y). Its Hessian is block diagonal with every block the
+    Hessian of one copy, and u ~ N(0, I) is independent across blocks, so one Hutchinson
+    estimate holds R independent draws of one copy's estimate."""
+
+    def __init__(self, copies: int = 1, d_in: int = 3, d_hidden: int = 4, n_classes: int = 3, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.w1, self.b1 = replicated_param(gen, copies, d_in, d_hidden), replicated_param(gen, copies, d_hidden)
+        self.w2, self.b2 = replicated_param(gen, copies, d_hidden, n_classes), replicated_param(gen, copies, n_classes)
+
+    def forward(self, x, y=None):
+        hidden = torch.tanh(torch.einsum("ni,rih->rnh", x, self.w1) + self.b1[:, None])
+        logits = torch.einsum("rnh,rhc->rnc", hidden, self.w2) + self.b2[:, None]
+        loss = None
+        if y is not None:
+            copies, _, n_classes = logits.shape
+            loss = F.cross_entropy(logits.reshape(-1, n_classes), y.repeat(copies)) * copies
+        return logits, loss
+
+
+def flat_fn(model: nn.Module, fn):
+    """fn(model output) as a function of one flat parameter vector, and that vector."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+
+    def call(flat, *args):
+        params = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
+        return fn(functional_call(model, params, args))
+
+    return call, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_hutchinson_mean_matches_the_exact_hessian_diagonal_within_derived_standard_errors():
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
+               for _ in range(2)]
+    loss_of, flat = flat_fn(ReplicatedMLP(copies=1), lambda out: out[1])
+    # The estimator targets the Hessian of the mean loss over the batches (float64, exact).
+    H = hessian(lambda f: sum(loss_of(f, x, y) for x, y in batches) / len(batches))(flat)
+    diag = H.diagonal()
+    # For u ~ N(0, I): Var(u_i (H u)_i) = 2 H_ii^2 + sum_{j != i} H_ij^2 = H_ii^2 + ||H_i||^2.
+    var = diag ** 2 + (H ** 2).sum(1)
+    copies, calls = 2000, 4
+    model = ReplicatedMLP(copies=copies)
+    samples = torch.cat([per_copy(hutchinson_hessian(model, list(model.parameters()), batches, gen), copies)
+                         for _ in range(calls)])
+    draws = copies * calls
+    se = (var / draws).sqrt()
+    z = (samples.mean(0) - diag) / se
+    assert z.abs().max() < 5.0, f"max |z| = {z.abs().max():.2f}"  # 5 sigma over 31 coordinates
+    # Gaussian probes (not Rademacher, whose variance lacks the 2 H_ii^2 term): the spread
+    # matches the formula above.
+    assert (samples.var(0).sum() / var.sum()).item() == pytest.approx(1.0, abs=0.1)
+    # The test has power: the tolerance is far below the size of the diagonal.
+    assert se.max() < 0.05 * diag.abs().max()
+
+
+def test_hutchinson_is_u_times_h_u_for_the_generators_draw():
+    gen = torch.Generator().manual_seed(9)
+    model = ReplicatedMLP(copies=1)
+    x, y = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen)
+    loss_of, flat = flat_fn(model, lambda out: out[1])
+    H = hessian(lambda f: loss_of(f, x, y))(flat)
+    params = list(model.parameters())
+    est = hutchinson_hessian(model, params, [(x, y)], torch.Generator().manual_seed(10))
+    gen = torch.Generator().manual_seed(10)
+    u = torch.cat([torch.randn(p.shape, generator=gen, dtype=p.dtype).reshape(-1) for p in params])
+    torch.testing.assert_close(per_copy(est, 1)[0], u * (H @ u), rtol=1e-10, atol=1e-12)
+
+
+def test_hutchinson_on_a_tiny_gpt_is_finite_and_leaves_grads_alone():
+    model = tiny_gpt()
+    x = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0))
+    est = hutchinson_hessian(model, list(model.parameters()), [(x, x)], torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(e).all() and e.shape == p.shape for e, p in zip(est, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert any((e < 0).any() for e in est)  # unlike GNB, Hutchinson's estimates can be negative
+
+
+# ----------------------------------------------------------------------------- GNB
+
+class ReplicatedTokenModel(nn.Module):
+    """`copies` identical copies of one token model, logits = tanh(E[x]) W + b (float64,
+    nonlinear in its parameters): model(x) -> (logits, None) for tokens x (R, B, T), copy r
+    reading x[r]: one prediction per token."""
+
+    def __init__(self, copies: int = 1, vocab: int = 5, width: int = 3, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.emb = replicated_param(gen, copies, vocab, width)
+        self.w, self.b = replicated_param(gen, copies, width, vocab), replicated_param(gen, copies, vocab)
+
+    def forward(self, x, y=None):
+        hidden = torch.tanh(self.emb[torch.arange(x.size(0))[:, None, None], x])  # (R, B, T, width)
+        return torch.einsum("rbtd,rdv->rbtv", hidden, self.w) + self.b[:, None, None], None
+
+
+def exact_gauss_newton_diagonal(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """diag(J^T S J) averaged over the x.numel() predictions, S = diag(p) - p p^T per prediction."""
+    logits_of, flat = flat_fn(model, lambda out: out[0])
+    V = model(x)[0].size(-1)
+    J = jacrev(lambda f: logits_of(f, x))(flat).reshape(-1, V, flat.numel())  # (B, V, d)
+    p = torch.softmax(logits_of(flat, x).reshape(-1, V), dim=-1)  # (B, V)
+    # J^T S J has diagonal sum_v p_v J_vi^2 - (sum_v p_v J_vi)^2
+    return ((p.unsqueeze(-1) * J ** 2).sum(1) - (p.unsqueeze(-1) * J).sum(1) ** 2).mean(0)
+
+
+def test_gnb_mean_matches_the_exact_gauss_newton_diagonal_within_standard_errors():
+    x = torch.tensor([[0, 1, 2, 3], [4, 0, 2, 1]])  # B = 8 predictions, every token used
+    exact = exact_gauss_newton_diagonal(ReplicatedTokenModel(copies=1), x[None])
+    copies, calls = 2000, 4
+    model = ReplicatedTokenModel(copies=copies)
+    gen = torch.Generator().manual_seed(12)
+    # One call sees copies * B predictions: its gradient on copy r is 1/copies of that copy's
+    # own mean-loss gradient, so copies * (its block) is one draw of one copy's GNB estimate.
+    samples = torch.cat([copies * per_copy(gnb_hessian(model, list(model.parameters()), [x.expand(copies, 2, 4)],
+                                                       gen), copies)
+                         for _ in range(calls)]).double()
+    draws = copies * calls
+    se = samples.std(0) / math.sqrt(draws)
+    z = (samples.mean(0) - exact) / se
+    assert z.abs().max() < 5.0, f"max |z| = {z.abs().max():.2f}"  # 5 sigma over 35 coordinates
+    assert (se < 0.05 * exact).all()  # the test has power: e.g. a factor B off could not pass
+
+
+def test_gnb_is_b_times_the_squared_gradient_at_labels_sampled_from_the_softmax():
+    model = tiny_gpt()
+    x = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(13))
+    params = list(model.parameters())
+    est = gnb_hessian(model, params, [x], torch.Generator().manual_seed(14))
+    u = torch.rand(x.numel(), generator=torch.Generator().manual_seed(14)).view(x.shape)
+    logits, _ = model(x)
+    y_hat = sample_labels(logits.detach(), u)
+    grads = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 16), y_hat.reshape(-1)), params)
+    for e, g in zip(est, grads):
+        torch.testing.assert_close(e, x.numel() * g * g, rtol=1e-5, atol=1e-12)
+
+
+def test_gnb_splits_the_batch_into_chunks_without_changing_the_estimate():
+    model = tiny_gpt()
+    x = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(15))
+    params = list(model.parameters())
+    whole = gnb_hessian(model, params, [x], torch.Generator().manual_seed(16))
+    chunked = gnb_hessian(model, params, [x[:1], x[1:]], torch.Generator().manual_seed(16))
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10)
+
+
+def test_gnb_is_non_negative_and_finite():
+    model = tiny_gpt()
+    gen = torch.Generator().manual_seed(17)
+    for _ in range(5):
+        x = torch.randint(0, 16, (2, 8), generator=gen)
+        est = gnb_hessian(model, list(model.parameters()), [x], gen)
+        assert all(torch.isfinite(e).all() and (e >= 0).all() for e in est)
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_sample_labels_frequencies_match_the_softmax():
+    gen = torch.Generator().manual_seed(18)
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0, 1.0, -3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    n = 20000
+    labels = sample_labels(logits.repeat_interleave(n, 0).view(2, n, 6), torch.rand(2, n, generator=gen))
+    for row in range(2):
+        counts = torch.bincount(labels[row], minlength=6).double()
+        expected = n * torch.softmax(logits[row].double(), -1)
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi2 < 25.0, f"chi2 = {chi2:.1f} with 5 degrees of freedom"  # p ~ 1e-4
+
+
+def test_sample_labels_is_deterministic_for_given_uniforms_and_monotone_in_u():
+    gen = torch.Generator().manual_seed(19)
+    logits = torch.randn(3, 10, generator=gen)
+    u = torch.rand(3, 1000, generator=gen).sort(dim=1).values
+    first = sample_labels(logits.unsqueeze(1).expand(3, 1000, 10), u)
+    again = sample_labels(logits.unsqueeze(1).expand(3, 1000, 10).clone(), u.clone())
+    assert torch.equal(first, again)
+    assert (first.diff(dim=1) >= 0).all()  # inverse CDF
+
+
+def test_sample_labels_with_u_close_to_one_never_yields_an_out_of_range_label():
+    vocab = 50304
+    gen = torch.Generator().manual_seed(20)
+    logits = torch.randn(64, vocab, generator=gen) * 4
+    logits[32:, -100:] = -float("inf")  # zero-probability tail
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    for u in (below_one, 1.0 - 1e-7, 1.0 - 1e-6, 1.0):
+        labels = sample_labels(logits, torch.full((64,), u))
+        assert labels.min() >= 0 and labels.max() < vocab
+        assert (labels[32:] < vocab - 100).all()  # never a class with probability 0
+
+
+# ----------------------------------------------------------------------------- the paper's toy problem (Fig. 2)
+
+def toy_loss(t1: float, t2: float) -> float:
+    """L(t1, t2) = 8(t1-1)^2(1.3 t1^2 + 2 t1 + 1) + 0.5 (t2-4)^2: sharp t1, flat t2,
+    minimum (1, 4), saddle at t1 = 0 (L1'(0) = 0, L1''(0) < 0)."""
+    return 8 * (t1 - 1) ** 2 * (1.3 * t1 ** 2 + 2 * t1 + 1) + 0.5 * (t2 - 4) ** 2
+
+
+def toy_grad(t1: float, t2: float) -> list[float]:
+    q = 1.3 * t1 ** 2 + 2 * t1 + 1
+    return [16 * (t1 - 1) * q + 8 * (t1 - 1) ** 2 * (2.6 * t1 + 2), t2 - 4]
+
+
+def toy_hessian_diagonal(t1: float, t2: float) -> list[float]:
+    q = 1.3 * t1 ** 2 + 2 * t1 + 1
+    return [16 * q + 32 * (t1 - 1) * (2.6 * t1 + 2) + 20.8 * (t1 - 1) ** 2, 1.0]
+
+
+TOY_START, TOY_MIN, TOY_STEPS = (0.2, 0.0), (1.0, 4.0), 30
+
+
+def toy_distance(t) -> float:
+    return math.hypot(t[0] - TOY_MIN[0], t[1] - TOY_MIN[1])
+
+
+def test_toy_derivatives_are_those_of_the_toy_loss():
+    t = torch.tensor(TOY_START, dtype=torch.float64)
+    g = torch.autograd.functional.jacobian(lambda v: toy_loss(v[0], v[1]), t)
+    H = torch.autograd.functional.hessian(lambda v: toy_loss(v[0], v[1]), t)
+    assert g.tolist() == pytest.approx(toy_grad(*TOY_START))
+    assert H.diagonal().tolist() == pytest.approx(toy_hessian_diagonal(*TOY_START))
+    assert toy_hessian_diagonal(*TOY_START)[0] < 0  # the start is in the concave region
+    assert toy_hessian_diagonal(*TOY_MIN)[0] == pytest.approx(68.8)  # sharp: 68.8 vs 1
+
+
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
+def test_toy_problem_deterministic_sophia_reaches_the_minimum_while_gd_signgd_and_newton_do_not(impl):
+    # Deterministic Sophia: exact gradient, exact Hessian diagonal as h every step
+    # (beta1 = beta2 = 0), rho = 1 so an unclipped coordinate takes lr times the Newton
+    # step, lr = 0.5: the largest step any coordinate can take. In the concave start
+    # (h1 < 0) the update is lr sign(g): downhill, away from the saddle Newton heads to.
+    lr = 0.5
+    theta = torch.nn.Parameter(torch.tensor(TOY_START, dtype=torch.float64))
+    opt = SophiaG([theta], lr=lr, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0, impl=impl)
+    first_close = None
+    for step in range(1, TOY_STEPS + 1):
+        t = theta.tolist()
+        opt.update_hessian([torch.tensor(toy_hessian_diagonal(*t), dtype=torch.float64)])
+        theta.grad = torch.tensor(toy_grad(*t), dtype=torch.float64)
+        opt.step()
+        if first_close is None and toy_distance(theta.tolist()) < 1e-2:
+            first_close = step
+    assert first_close is not None and first_close <= TOY_STEPS
+    assert toy_distance(theta.tolist()) < 1e-6
+    assert toy_loss(*theta.tolist()) < 1e-10
+
+    # GD: the learning rate is limited by the sharp direction (stable only for lr < 2 / 68.8);
+    # even at 0.99 x that limit, t2 has not come within 1 of 4 after 30 steps.
+    t = list(TOY_START)
+    gd_lr = 0.99 * 2 / toy_hessian_diagonal(*TOY_MIN)[0]
+    for _ in range(TOY_STEPS):
+        t = [ti - gd_lr * gi for ti, gi in zip(t, toy_grad(*t))]
+    assert abs(t[1] - 4) > 1.0
+
+    # SignGD: at Sophia's lr it bounces along the sharp t1 (0.7 <-> 1.2) and never gets
+    # within 1e-2 of the minimum; at an lr small enough that the bounce stays small (0.05)
+    # it crawls along the flat t2 and is still > 1 away after 30 steps.
+    def sign_gd(step_lr):
+        t, closest = list(TOY_START), float("inf")
+        for _ in range(TOY_STEPS):
+            t = [ti - step_lr * math.copysign(1.0, gi) * (gi != 0) for ti, gi in zip(t, toy_grad(*t))]
+            closest = min(closest, toy_distance(t))
+        return t, closest
+
+    t, closest = sign_gd(lr)
+    assert closest > 0.1 and abs(t[0] - 1) >= 0.2 - 1e-9
+    t, _ = sign_gd(0.05)
+    assert abs(t[1] - 4) > 1.0
+
+    # Newton (theta - g / h, unclipped, every coordinate) converges to the saddle at t1 = 0.
+    t = list(TOY_START)
+    for _ in range(TOY_STEPS):
+        t = [ti - gi / hi for ti, gi, hi in zip(t, toy_grad(*t), toy_hessian_diagonal(*t))]
+    assert abs(t[0]) < 1e-6 and t[1] == pytest.approx(4.0)
+    assert toy_distance(t) > 0.9
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("impl", EAGER_IMPLS)
+def test_state_dict_round_trip_continues_exactly_like_an_uninterrupted_run(impl):
+    def make():
+        model = tiny_gpt()
+        return model, SophiaG(model.param_groups(0.1), lr=1e-2, rho=0.05, impl=impl)
+
+    def train(model, opt, steps, gen):
+        for i in steps:
+            x = torch.randint(0, 16, (2, 8), generator=gen)
+            if i % 3 == 0:
+                opt.update_hessian(gnb_hessian(model, all_params(opt), [x], gen))
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    model_a, opt_a = make()
+    gen_a = torch.Generator().manual_seed(21)
+    train(model_a, opt_a, range(8), gen_a)
+
+    model_b, opt_b = make()
+    gen_b = torch.Generator().manual_seed(21)
+    train(model_b, opt_b, range(4), gen_b)
+    buffer = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "gen": gen_b.get_state()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    model_c, opt_c = make()  # fresh objects, as after a restart
+    model_c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    for p in all_params(opt_c):
+        state = opt_c.state[p]
+        assert state["step"].item() == 4
+        assert state["hessian"].abs().sum() > 0
+    gen_c = torch.Generator()
+    gen_c.set_state(saved["gen"])
+    train(model_c, opt_c, range(4, 8), gen_c)
+
+    for a, c in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(a, c)
+    for pa, pc in zip(all_params(opt_a), all_params(opt_c)):
+        for key in ("exp_avg", "hessian", "step"):
+            assert torch.equal(opt_a.state[pa][key], opt_c.state[pc][key])
+
+
+# ----------------------------------------------------------------------------- DTensor
+
+def test_sophiag_with_dtensor_parameters_equals_the_plain_tensor_result(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(22)
+        values = [torch.randn(6, 4, generator=gen), torch.randn(4, generator=gen)]
+        placements = [[Shard(0)], [Replicate()]]
+        plain = [nn.Parameter(v.clone()) for v in values]
+        sharded = [nn.Parameter(distribute_tensor(v.clone(), mesh, pl)) for v, pl in zip(values, placements)]
+        opts = [SophiaG(ps, lr=0.05, rho=0.5, weight_decay=0.1) for ps in (plain, sharded)]
+        for step in range(4):
+            grads = [torch.randn(v.shape, generator=gen) for v in values]
+            h_hat = [torch.rand(v.shape, generator=gen) for v in values]
+            for p, g in zip(plain, grads):
+                p.grad = g.clone()
+            for p, g, pl in zip(sharded, grads, placements):
+                p.grad = distribute_tensor(g.clone(), mesh, pl)
+            if step % 2 == 0:
+                opts[0].update_hessian(h_hat)
+                opts[1].update_hessian([distribute_tensor(h.clone(), mesh, pl) for h, pl in zip(h_hat, placements)])
+            for opt in opts:
+                opt.step()
+        for p, d in zip(plain, sharded):
+            assert isinstance(d, DTensor)
+            assert torch.equal(p.detach(), d.detach().full_tensor())
+            assert isinstance(opts[1].state[d]["hessian"], DTensor)
+        plain_stats, sharded_stats = (opt.stats() for opt in opts)
+        assert plain_stats == sharded_stats
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- misc
+
+def test_step_with_closure_returns_the_loss_and_skips_parameters_without_grad():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = SophiaG([a, b], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (a ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 2.0
+    assert torch.equal(b.detach(), torch.ones(2)) and b not in opt.state
+    assert (a.detach() < 1).all()
+
+
+def test_sophia_defaults_match_the_paper():
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    g, h = SophiaG(p).defaults, SophiaH(p).defaults
+    assert (g["rho"], g["weight_decay"], g["betas"]) == (0.05, 0.2, (0.965, 0.99))
+    assert (h["rho"], h["weight_decay"], h["betas"]) == (0.01, 0.2, (0.965, 0.99))
+    assert sophia.IMPLEMENTATIONS == IMPLS
+
