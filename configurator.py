@@ -30,7 +30,8 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # One line even when the message quotes a multi-line exception (e.g. torch.load's).
+            print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
             sys.exit(2)
     return wrapper
 

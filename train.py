@@ -118,8 +118,9 @@ def validate(cfg: Config, world_size: int) -> None:
         if cfg.hess_batch_size // world_size > cfg.batch_size * local_accum:
             raise UserError(f"hess_batch_size={cfg.hess_batch_size} exceeds the batch of one step "
                             f"({cfg.batch_size * local_accum * world_size} sequences); lower it")
-    if cfg.init_from not in ("scratch", "resume") and not cfg.init_from.startswith("gpt2"):
-        raise UserError(f"init_from={cfg.init_from!r}: use 'scratch', 'resume' or a GPT-2 name like 'gpt2'")
+    if cfg.init_from not in ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        raise UserError(f"init_from={cfg.init_from!r}: use 'scratch', 'resume' or one of 'gpt2', 'gpt2-medium', "
+                        f"'gpt2-large', 'gpt2-xl'")
 
 
 def pick_device(requested: str) -> str:
@@ -133,6 +134,8 @@ def pick_device(requested: str) -> str:
         raise UserError(f"device={requested!r} but this machine has no CUDA GPU; use --device=cpu or --device=auto")
     if requested == "mps" and not torch.backends.mps.is_available():
         raise UserError("device='mps' but MPS is not available here; use --device=cpu or --device=auto")
+    if requested not in ("cpu", "mps") and not requested.startswith("cuda"):
+        raise UserError(f"device={requested!r} is unknown; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return requested
 
 
@@ -181,7 +184,8 @@ def prepare_dataset(data_dir: Path, is_master: bool) -> None:
         if dist.is_initialized():
             dist.barrier()
         return
-    raise UserError(f"{data_dir}/train.bin not found; prepare the data first with "
+    missing = next(p for p in (data_dir / "train.bin", data_dir / "val.bin") if not p.exists())
+    raise UserError(f"{missing} not found; prepare the data first with "
                     f"`python {script}`" + ("" if script.exists() else f" (no such script: create {script})"))
 
 
@@ -194,10 +198,10 @@ def check_token_file(path: Path, vocab_size: int, block_size: int) -> None:
     if size % 2:
         raise UserError(f"{path} has an odd size ({size} bytes): it is not a uint16 token file or is "
                         f"truncated; rerun the dataset's prepare.py")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    if len(data) <= block_size + 1:
-        raise UserError(f"{path} holds {len(data)} tokens, not more than block_size+1={block_size + 1}; "
+    if size // 2 <= block_size + 1:  # checked before the memmap, which fails on an empty file
+        raise UserError(f"{path} holds {size // 2} tokens, not more than block_size+1={block_size + 1}; "
                         f"lower --block_size or use more data")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
     # Full scan up to 2^31 tokens; beyond, 256 evenly spaced chunks of 1M tokens.
     chunk = 1 << 20
     starts = range(0, len(data), chunk) if len(data) <= 1 << 31 else np.linspace(0, len(data) - chunk, 256).astype(np.int64)
@@ -286,10 +290,16 @@ def load_checkpoint(path: Path, device: str) -> dict:
         raise UserError(f"init_from='resume' but {path} does not exist; train from scratch first "
                         f"or point --out_dir at the run to resume")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not "
                         f"a checkpoint of this project") from e
+    required = ("model", "optimizer", "scaler", "model_args", "iter_num", "best_val_loss", "config")
+    lacking = [k for k in required if k not in checkpoint] if isinstance(checkpoint, dict) else list(required)
+    if lacking:
+        raise UserError(f"{path} is not a checkpoint of this project (no {', '.join(lacking)}); "
+                        f"use a new --out_dir")
+    return checkpoint
 
 
 def rng_state(batches: Batches, estimator: HessianEstimator | None) -> dict:
@@ -448,7 +458,10 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
             raise UserError(f"checkpoint in {out_dir} does not fit the model ({str(e).splitlines()[0]}); "
                             f"use a new --out_dir") from e
     elif cfg.init_from.startswith("gpt2"):
-        model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
+        try:
+            model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
+        except (ImportError, OSError) as e:  # no transformers, or the weights cannot be fetched
+            raise UserError(f"init_from={cfg.init_from!r}: cannot load the GPT-2 weights ({e})") from e
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
         model_args = {k: getattr(model.config, k) for k in model_args}
