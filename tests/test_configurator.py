@@ -1,0 +1,234 @@
+"""Specification of configurator.py: how defaults, config files and --key=value combine,
+and what a mistake on the command line says."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import configurator
+import train
+from configurator import UserError, parse
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = train.DEFAULTS
+
+
+def parse_error(argv: list[str], defaults: dict | None = None) -> str:
+    with pytest.raises(UserError) as e:
+        parse(DEFAULTS if defaults is None else defaults, argv)
+    return str(e.value)
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- defaults and overrides
+
+def test_defaults_are_train_py_module_values():
+    assert DEFAULTS["batch_size"] == train.batch_size == 12
+    assert DEFAULTS["optimizer_name"] == "adamw"
+    # Only the configuration: no modules, functions or constants defined after it.
+    assert "np" not in DEFAULTS and "CHECKPOINT" not in DEFAULTS and "OPTIMIZERS" not in DEFAULTS
+    assert all(isinstance(v, configurator.CONFIG_TYPES) for v in DEFAULTS.values())
+
+
+def test_no_arguments_gives_the_defaults_as_a_copy():
+    config = parse(DEFAULTS, [])
+    assert config == DEFAULTS
+    config["batch_size"] = 1
+    assert DEFAULTS["batch_size"] == 12
+
+
+def test_override_changes_only_that_key():
+    config = parse(DEFAULTS, ["--batch_size=32", "--optimizer_name=sophiag"])
+    assert config["batch_size"] == 32 and config["optimizer_name"] == "sophiag"
+    assert {k: v for k, v in config.items() if k not in ("batch_size", "optimizer_name")} == \
+        {k: v for k, v in DEFAULTS.items() if k not in ("batch_size", "optimizer_name")}
+
+
+def test_value_may_contain_equals_signs():
+    assert parse(DEFAULTS, ["--wandb_run_name=a=b"])["wandb_run_name"] == "a=b"
+
+
+def test_config_file_overrides_defaults_and_ignores_its_helpers(tmp_path):
+    path = write(tmp_path / "cfg.py",
+                 "import math\n_private = 3\nbatch_size = 7\nlearning_rate = 1e-3 * math.sqrt(4)\n")
+    config = parse(DEFAULTS, [path])
+    assert config["batch_size"] == 7
+    assert config["learning_rate"] == pytest.approx(2e-3)
+    assert "math" not in config and "_private" not in config
+
+
+def test_config_file_sees_earlier_values(tmp_path):
+    path = write(tmp_path / "cfg.py", "lr_decay_iters = max_iters\n")
+    assert parse(DEFAULTS, ["--max_iters=500", path])["lr_decay_iters"] == 500
+
+
+def test_arguments_apply_in_order(tmp_path):
+    path = write(tmp_path / "cfg.py", "batch_size = 7\n")
+    assert parse(DEFAULTS, [path, "--batch_size=9"])["batch_size"] == 9
+    assert parse(DEFAULTS, ["--batch_size=9", path])["batch_size"] == 7
+
+
+def test_shipped_config_file_parses():
+    config = parse(DEFAULTS, [str(ROOT / "config" / "train_shakespeare_char.py")])
+    assert config["dataset"] == "shakespeare_char"
+
+
+# ----------------------------------------------------------------------------- value parsing
+
+def test_int_is_accepted_for_a_float_key_and_becomes_float():
+    value = parse(DEFAULTS, ["--learning_rate=1"])["learning_rate"]
+    assert value == 1.0 and type(value) is float
+
+
+def test_scientific_notation_for_a_float_key():
+    assert parse(DEFAULTS, ["--learning_rate=3e-4"])["learning_rate"] == 3e-4
+
+
+@pytest.mark.parametrize("raw, expected", [("True", True), ("true", True), ("False", False), ("false", False)])
+def test_bool_from_python_or_lowercase_spelling(raw, expected):
+    assert parse(DEFAULTS, [f"--compile={raw}"])["compile"] is expected
+
+
+def test_int_is_not_accepted_for_a_bool_key():
+    message = parse_error(["--compile=1"])
+    assert "compile" in message and "bool" in message and "int" in message
+
+
+@pytest.mark.parametrize("raw", ["2024", "1e3", "True", "[1, 2]"])
+def test_string_key_keeps_numeric_looking_raw_text(raw):
+    assert parse(DEFAULTS, [f"--wandb_run_name={raw}"])["wandb_run_name"] == raw
+
+
+def test_bare_word_is_a_string_and_quoted_strings_are_unquoted():
+    assert parse(DEFAULTS, ["--dataset=shakespeare_char"])["dataset"] == "shakespeare_char"
+    assert parse(DEFAULTS, ["--dataset='shakespeare'"])["dataset"] == "shakespeare"
+
+
+def test_tuple_key_from_tuple_or_list_literal_with_element_types_of_the_default():
+    defaults = {"betas": (0.9, 0.95)}
+    assert parse(defaults, ["--betas=(0.8,0.99)"])["betas"] == (0.8, 0.99)
+    from_list = parse(defaults, ["--betas=[1, 0.5]"])["betas"]
+    assert from_list == (1.0, 0.5) and type(from_list) is tuple and type(from_list[0]) is float
+
+
+@pytest.mark.parametrize("raw", ["(0.9,)", "(0.9, 0.95, 0.99)", "('a', 'b')", "0.9"])
+def test_tuple_key_rejects_wrong_length_or_element_types(raw):
+    message = parse_error([f"--betas={raw}"], {"betas": (0.9, 0.95)})
+    assert "betas" in message
+
+
+def test_none_default_accepts_any_literal():
+    assert parse({"x": None}, ["--x=3"])["x"] == 3
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_unknown_key_suggests_the_closest_keys():
+    message = parse_error(["--learning_rat=1"])
+    assert "'learning_rat'" in message and "--learning_rate" in message
+    assert message.startswith("command line:")
+
+
+def test_unknown_key_without_close_match_points_to_help():
+    assert "--help" in parse_error(["--zzzzzz=1"])
+
+
+@pytest.mark.parametrize("arg, expected, given", [
+    ("--batch_size=abc", "int", "str"),
+    ("--batch_size=1.5", "int", "float"),
+    ("--learning_rate=fast", "float", "str"),
+    ("--eval_only=maybe", "bool", "str"),
+])
+def test_wrong_type_names_key_expected_and_given_type(arg, expected, given):
+    message = parse_error([arg])
+    key = arg[2:].split("=")[0]
+    assert key in message
+    assert f"expects {expected}" in message and f"got {given}" in message
+
+
+def test_key_without_value_says_how_to_write_it():
+    message = parse_error(["--compile"])
+    assert "--compile=VALUE" in message
+
+
+def test_missing_config_file_is_named(tmp_path):
+    missing = str(tmp_path / "nope.py")
+    message = parse_error([missing])
+    assert missing in message and "not found" in message
+
+
+def test_config_file_with_a_typo_names_the_file_and_the_closest_key(tmp_path):
+    path = write(tmp_path / "cfg.py", "batch_sise = 8\n")
+    message = parse_error([path])
+    assert message.startswith(path) and "'batch_sise'" in message and "--batch_size" in message
+
+
+def test_config_file_with_a_wrong_type_names_file_and_key(tmp_path):
+    path = write(tmp_path / "cfg.py", "max_iters = 1e5\n")
+    message = parse_error([path])
+    assert message.startswith(path) and "max_iters" in message and "expects int" in message
+
+
+def test_config_file_that_raises_is_reported_on_one_line(tmp_path):
+    path = write(tmp_path / "cfg.py", "batch_size = 1 / 0\n")
+    message = parse_error([path])
+    assert path in message and "ZeroDivisionError" in message and "\n" not in message
+
+
+def test_exit_on_user_error_prints_one_error_line_and_exits_2(capsys):
+    @configurator.exit_on_user_error
+    def main():
+        raise UserError("something to fix")
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: something to fix\n"
+
+
+def test_exit_on_user_error_folds_a_multi_line_message_into_one_line(capsys):
+    """Messages may quote another library's multi-line exception (torch.load's does)."""
+    @configurator.exit_on_user_error
+    def main():
+        raise UserError("cannot read it (Error: first\n\n\tsecond\n)")
+
+    with pytest.raises(SystemExit):
+        main()
+    assert capsys.readouterr().err == "error: cannot read it (Error: first second )\n"
+
+
+def test_exit_on_user_error_passes_return_values_and_other_exceptions_through():
+    assert configurator.exit_on_user_error(lambda x: x + 1)(1) == 2
+    with pytest.raises(KeyError):
+        configurator.exit_on_user_error(lambda: {}["x"])()
+
+
+# ----------------------------------------------------------------------------- --help
+
+def test_every_key_has_a_meaning_comment_in_train_py():
+    meanings = configurator.key_help(ROOT / "train.py")
+    assert set(DEFAULTS) <= set(meanings), sorted(set(DEFAULTS) - set(meanings))
+
+
+def test_help_lists_every_key_with_default_and_meaning():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            check=False, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python train.py")
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"^  --(\w+) .*$", result.stdout, re.MULTILINE)}
+    assert set(lines) == set(DEFAULTS)
+    meanings = configurator.key_help(ROOT / "train.py")
+    for key, default in DEFAULTS.items():
+        assert f"= {default!r}" in lines[key], lines[key]
+        assert lines[key].endswith(meanings[key]), lines[key]
+    assert "sequences per micro-step per rank" in lines["batch_size"]
+    assert "'adamw', 'lion', 'sophiag' or 'sophiah'" in lines["optimizer_name"]
+    assert "= 0.0006" in lines["learning_rate"]

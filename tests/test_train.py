@@ -1,0 +1,452 @@
+"""Specification of train.py: training lowers the loss, what a run writes (metrics.jsonl,
+config.json, ckpt.pt, console lines), bitwise resume, and the catalogue of bad inputs,
+each refused with one `error: ...` line, exit status 2 and nothing overwritten.
+
+Runs are in-process (`train.main(argv)` returns the last evaluation) with a 2-layer,
+width-32 model on the embedded shakespeare_char dataset, so the file takes seconds.
+"""
+
+import contextlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAR_VOCAB = 84  # shakespeare_char's vocabulary size (meta.json)
+TINY = [
+    "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+    "--batch_size=4", "--gradient_accumulation_steps=1", "--compile=False", "--device=cpu", "--dtype=auto",
+    "--eval_iters=5", "--log_interval=5", "--warmup_iters=4", "--learning_rate=3e-3", "--min_lr=3e-4",
+    "--hess_batch_size=4", "--hess_interval=3", "--wandb_log=False",
+]
+# A 20-step run that evaluates (and checkpoints) at step 10: the resume tests split it there.
+# Two micro-steps per step exercise gradient accumulation; hess_interval=3 puts the Hessian
+# estimates off the checkpoint boundary.
+TWENTY_STEPS = ["--max_iters=20", "--eval_interval=10", "--lr_decay_iters=20", "--gradient_accumulation_steps=2"]
+TRAIN_FIELDS = {"kind", "iter", "loss", "lr", "time_ms", "tokens_per_s", "grad_norm", "clip_frac"}
+SOPHIA_FIELDS = {"win_rate", "hessian_norm", "estimator_ms"}
+EVAL_FIELDS = {"kind", "iter", "train_loss", "val_loss"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scaler", "model_args", "iter_num", "best_val_loss", "config", "rng",
+                   "world_size"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Speed only: tiny models run fastest on one intra-op thread, and on a busy 2-core
+    machine two threads can make them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Run:
+    out_dir: Path
+    result: dict
+    stdout: str
+
+    def metrics(self) -> list[dict]:
+        return [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def records(self, kind: str) -> list[dict]:
+        return [r for r in self.metrics() if r["kind"] == kind]
+
+
+def run_train(out_dir: Path, *args: str) -> Run:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = train.main([*TINY, f"--out_dir={out_dir}", *args])
+    return Run(Path(out_dir), result, stdout.getvalue())
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder, with its bytes."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load_ckpt(out_dir: Path) -> dict:
+    return torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, where: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+# ----------------------------------------------------------------------------- training runs
+
+RUNS = {  # name: extra arguments
+    "adamw": ["--optimizer_name=adamw"],
+    "adamw-dropout": ["--optimizer_name=adamw", "--dropout=0.1"],  # draws from the global torch RNG
+    "lion": ["--optimizer_name=lion"],
+    "sophiag": ["--optimizer_name=sophiag"],
+    "sophiah": ["--optimizer_name=sophiah", "--rho=0.01"],
+}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def twenty_step_run(request, tmp_path_factory) -> tuple[str, Run]:
+    """One uninterrupted 20-step run per optimizer, shared by the tests below."""
+    name = request.param
+    out_dir = tmp_path_factory.mktemp(f"full-{name}")
+    return name, run_train(out_dir, *TWENTY_STEPS, *RUNS[name])
+
+
+def test_adamw_training_lowers_val_loss_clearly_below_the_initial_loss(tmp_path):
+    run = run_train(tmp_path, "--max_iters=60", "--eval_interval=60", "--lr_decay_iters=60",
+                    "--batch_size=8", "--eval_iters=10", "--learning_rate=1e-2", "--min_lr=1e-3")
+    first, last = run.records("eval")[0], run.result
+    assert first["iter"] == 0 and last["iter"] == 60
+    assert first["val_loss"] == pytest.approx(math.log(CHAR_VOCAB), abs=0.1)  # uniform at init
+    # A character model that has learnt at least the letter frequencies (~3.3 nats).
+    assert last["val_loss"] < first["val_loss"] - 1.0, (first, last)
+
+
+def test_every_optimizer_lowers_the_loss(twenty_step_run):
+    name, run = twenty_step_run
+    evals = run.records("eval")
+    assert [e["iter"] for e in evals] == [0, 10, 20]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, (name, evals)
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 0.5, (name, evals)
+    assert run.result == {k: evals[-1][k] for k in ("iter", "train_loss", "val_loss")}
+
+
+# ----------------------------------------------------------------------------- what a run writes
+
+def test_metrics_jsonl_holds_train_and_eval_records_with_documented_fields(twenty_step_run):
+    name, run = twenty_step_run
+    train_records, eval_records = run.records("train"), run.records("eval")
+    assert len(train_records) + len(eval_records) == len(run.metrics())
+    assert [r["iter"] for r in train_records] == [5, 10, 15, 20]  # every log_interval steps
+    tokens_per_iter = 2 * 4 * 32  # accumulation steps x batch size x block size
+    cfg = train.Config(json.loads((run.out_dir / "config.json").read_text()))
+    for r in train_records:
+        expected = TRAIN_FIELDS | (SOPHIA_FIELDS if name.startswith("sophia") else set())
+        assert expected <= r.keys(), expected - r.keys()
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["lr"] == pytest.approx(train.get_lr(cfg, r["iter"] - 1))  # the lr of the last step
+        assert r["time_ms"] > 0
+        assert r["tokens_per_s"] * r["time_ms"] / 1000 == pytest.approx(tokens_per_iter)
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        assert 0.0 <= r["clip_frac"] <= 1.0
+        if name.startswith("sophia"):
+            assert 0.0 <= r["win_rate"] <= 1.0
+            assert r["hessian_norm"] > 0  # an estimate was folded in at step 0
+            assert r["estimator_ms"] >= 0
+        else:
+            assert not SOPHIA_FIELDS & r.keys()
+    for r in eval_records:
+        assert r.keys() == EVAL_FIELDS
+        assert math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"])
+
+
+def test_config_json_records_the_parsed_config(twenty_step_run):
+    name, run = twenty_step_run
+    config = json.loads((run.out_dir / "config.json").read_text())
+    assert config.keys() == train.DEFAULTS.keys()
+    assert config["max_iters"] == 20 and config["n_embd"] == 32 and config["out_dir"] == str(run.out_dir)
+    assert config["optimizer_name"] == name.split("-")[0]
+
+
+def test_console_lines_have_the_documented_format(twenty_step_run):
+    _, run = twenty_step_run
+    iter_lines = re.findall(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms", run.stdout, re.MULTILINE)
+    step_lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$", run.stdout, re.MULTILINE)
+    assert [int(i) for i, _, _ in iter_lines] == [5, 10, 15, 20]
+    assert [int(s) for s, _, _ in step_lines] == [0, 10, 20]
+    for (_, train_loss, val_loss), record in zip(step_lines, run.records("eval")):
+        assert float(train_loss) == pytest.approx(record["train_loss"], abs=5e-5)
+        assert float(val_loss) == pytest.approx(record["val_loss"], abs=5e-5)
+    for (_, loss, _), record in zip(iter_lines, run.records("train")):
+        assert float(loss) == pytest.approx(record["loss"], abs=5e-5)
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_the_run_state(twenty_step_run):
+    name, run = twenty_step_run
+    ckpt = load_ckpt(run.out_dir)  # weights_only=True: no pickled code needed to read it
+    assert CHECKPOINT_KEYS <= ckpt.keys()
+    assert ckpt["iter_num"] == 20 and ckpt["world_size"] == 1
+    assert ckpt["model_args"] == {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "bias": False,
+                                  "vocab_size": CHAR_VOCAB, "dropout": 0.1 if "dropout" in name else 0.0,
+                                  "scale_attn_by_inverse_layer_idx": False}
+    assert ckpt["config"]["optimizer_name"] == name.split("-")[0]
+    assert ckpt["best_val_loss"] == min(e["val_loss"] for e in run.records("eval"))
+    assert not (run.out_dir / "ckpt.pt.tmp").exists()  # written atomically
+    # The weights are the trained model: evaluating them reproduces the logged val loss (below).
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(twenty_step_run, tmp_path):
+    """10 steps, checkpoint, then `init_from=resume` to 20 ends exactly where the 20-step
+    run ends: same losses, weights and optimizer state. The checkpoint holds the RNG
+    states (torch, data order, Hessian estimator), so nothing is redrawn."""
+    name, full = twenty_step_run
+    args = [*TWENTY_STEPS, *RUNS[name]]
+    run_train(tmp_path, *args, "--max_iters=10")
+    assert load_ckpt(tmp_path)["iter_num"] == 10
+    resumed = run_train(tmp_path, *args, "--init_from=resume")
+    # The second part really started from step 10 (a silent restart from scratch would also
+    # end at step 20): evaluations at 0 and 10, then 10 again on resume, and 20.
+    assert [r["iter"] for r in resumed.records("eval")] == [0, 10, 10, 20]
+    assert resumed.result == full.result
+    a, b = load_ckpt(full.out_dir), load_ckpt(tmp_path)
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+    assert_same_tensors(a["rng"], b["rng"], "rng")
+
+
+def test_eval_only_resume_reproduces_the_final_val_loss_and_writes_no_checkpoint(tmp_path):
+    out_dir = tmp_path / "out"
+    run = run_train(out_dir, "--max_iters=6", "--eval_interval=3")
+    before = (out_dir / "ckpt.pt").read_bytes()
+    again = run_train(out_dir, "--max_iters=6", "--eval_interval=3", "--init_from=resume", "--eval_only=True")
+    assert again.result == run.result  # fixed evaluation batches: the same windows every time
+    assert (out_dir / "ckpt.pt").read_bytes() == before
+
+
+def test_get_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    cfg = train.Config(train.DEFAULTS | {"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10, "lr_decay_iters": 110})
+    assert train.get_lr(cfg, 0) == pytest.approx(1 / 11)
+    assert train.get_lr(cfg, 9) == pytest.approx(10 / 11)
+    assert train.get_lr(cfg, 10) == pytest.approx(1.0)
+    assert train.get_lr(cfg, 60) == pytest.approx(0.55)  # halfway down the cosine
+    assert train.get_lr(cfg, 110) == pytest.approx(0.1)
+    assert train.get_lr(cfg, 1000) == pytest.approx(0.1)
+    lrs = [train.get_lr(cfg, i) for i in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+    assert train.get_lr(train.Config(cfg | {"decay_lr": False}), 500) == 1.0
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+@pytest.fixture(scope="module")
+def previous_run(tmp_path_factory) -> Path:
+    """An out_dir holding a finished adamw run (ckpt.pt, config.json, metrics.jsonl)."""
+    out_dir = tmp_path_factory.mktemp("previous")
+    run_train(out_dir, "--max_iters=4", "--eval_interval=2")
+    assert (out_dir / "ckpt.pt").exists()
+    return out_dir
+
+
+@pytest.fixture
+def out_dir(previous_run, tmp_path) -> Path:
+    """A private copy of the previous run, so a test can check that nothing in it changes."""
+    copy = tmp_path / "out"
+    shutil.copytree(previous_run, copy)
+    return copy
+
+
+@pytest.fixture
+def make_dataset():
+    """Create data/_test_<random>/ with the given token files and meta.json; removed afterwards.
+
+    train.py resolves --dataset under the repository's data/ folder, so fixture datasets
+    have to live there for the duration of a test."""
+    created: list[Path] = []
+
+    def make(train_ids=None, val_ids=None, meta: dict | None = None, prepare_script: bool = False,
+             raw: dict[str, bytes] | None = None) -> str:
+        name = f"_test_{uuid.uuid4().hex[:12]}"
+        folder = ROOT / "data" / name
+        folder.mkdir()
+        created.append(folder)
+        for split, ids in (("train", train_ids), ("val", val_ids)):
+            if ids is not None:
+                np.asarray(ids, dtype=np.uint16).tofile(folder / f"{split}.bin")
+        for filename, content in (raw or {}).items():
+            (folder / filename).write_bytes(content)
+        if meta is not None:
+            (folder / "meta.json").write_text(json.dumps(meta))
+        if prepare_script:
+            (folder / "prepare.py").write_text("# writes train.bin and val.bin\n")
+        return name
+
+    yield make
+    for folder in created:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+CHAR_META = {"tokenizer": "char", "vocab_size": CHAR_VOCAB}
+
+
+def char_ids(n: int = 2000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, CHAR_VOCAB, n)
+
+
+def expect_user_error(capsys, out_dir: Path, args: list[str], *fragments: str) -> str:
+    """train.main refuses `args`: exit status 2, exactly one stderr line `error: ...`
+    holding every fragment, and every file in out_dir byte-identical afterwards."""
+    before = snapshot(out_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f"--out_dir={out_dir}", "--max_iters=2", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert snapshot(out_dir) == before
+    return err
+
+
+cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    pytest.param(["--learning_rat=1"], ["'learning_rat'", "--learning_rate"], id="unknown-key"),
+    pytest.param(["--batch_size=abc"], ["batch_size", "expects int", "got str"], id="wrong-type"),
+    pytest.param(["--n_embd=30", "--n_head=4"], ["n_embd=30", "n_head=4"], id="n_embd-not-divisible"),
+    pytest.param(["--compile"], ["--compile=VALUE"], id="key-without-value"),
+    pytest.param(["--optimizer_name=sgd"], ["'sgd'", "adamw"], id="unknown-optimizer"),
+    pytest.param(["--batch_size=0"], ["batch_size=0", "positive"], id="zero-batch-size"),
+    pytest.param(["--learning_rate=-1"], ["learning_rate=-1", ">= 0"], id="negative-lr"),
+    pytest.param(["--beta2=1.0"], ["beta2=1.0", "[0, 1)"], id="beta2-one"),
+    pytest.param(["--optimizer_name=sophiag", "--hess_batch_size=100"], ["hess_batch_size=100", "exceeds"],
+                 id="hess-batch-larger-than-step"),
+    pytest.param(["--dataset=_no_such_dataset"], ["'_no_such_dataset' not found", "shakespeare_char"],
+                 id="unknown-dataset"),
+    pytest.param(["--device=cuda"], ["no CUDA GPU", "--device=cpu"], id="cuda-without-gpu", marks=cuda_missing),
+    pytest.param(["--device=gpu"], ["device='gpu' is unknown"], id="unknown-device"),
+    pytest.param(["--dtype=float16"], ["float16", "CUDA"], id="float16-on-cpu", marks=cuda_missing),
+    pytest.param(["--dtype=fp32"], ["dtype='fp32'"], id="unknown-dtype"),
+    pytest.param(["--init_from=gpt2-huge"], ["init_from='gpt2-huge'", "gpt2-medium"], id="unknown-gpt2-name"),
+    pytest.param(["--init_from=resume", "--n_layer=3"], ["n_layer=2", "asks for 3", "--out_dir"],
+                 id="resume-with-other-model-shape"),
+    pytest.param(["--init_from=resume", "--optimizer_name=lion"], ["trained with adamw, not lion"],
+                 id="resume-with-other-optimizer"),
+])
+def test_bad_input_is_refused_with_one_error_line(capsys, out_dir, args, fragments):
+    expect_user_error(capsys, out_dir, args, *fragments)
+
+
+def test_gpt2_init_that_cannot_get_the_weights_is_refused(capsys, out_dir, monkeypatch):
+    """Without `transformers` the import fails; with it, an offline machine cannot reach
+    the Hub (simulated here, so that the test never downloads 500 MB)."""
+    try:
+        import transformers
+    except ImportError:
+        expect_user_error(capsys, out_dir, ["--init_from=gpt2"], "init_from='gpt2'", "pip install transformers")
+        return
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\n"
+                      "and couldn't find them in the cached files.")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", staticmethod(offline))
+    expect_user_error(capsys, out_dir, ["--init_from=gpt2"], "init_from='gpt2'", "couldn't connect")
+
+
+def test_resume_without_checkpoint_is_refused(capsys, tmp_path):
+    expect_user_error(capsys, tmp_path, ["--init_from=resume"], "ckpt.pt does not exist")
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_from_a_damaged_checkpoint_is_refused_on_one_line(capsys, out_dir):
+    (out_dir / "ckpt.pt").write_bytes(b"not a checkpoint")
+    expect_user_error(capsys, out_dir, ["--init_from=resume"], "cannot read checkpoint", "damaged")
+
+
+def test_resume_from_a_foreign_torch_file_is_refused(capsys, out_dir):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, out_dir / "ckpt.pt")
+    expect_user_error(capsys, out_dir, ["--init_from=resume"], "not a checkpoint of this project", "model_args")
+
+
+def test_unwritable_out_dir_is_refused(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    expect_user_error(capsys, blocker / "out", [], "cannot write to out_dir", str(blocker / "out"))
+    assert blocker.read_text() == "keep me"
+
+
+def test_missing_train_bin_names_the_prepare_script_to_run(capsys, out_dir, make_dataset):
+    name = make_dataset(meta=CHAR_META, prepare_script=True)
+    script = ROOT / "data" / name / "prepare.py"
+    err = expect_user_error(capsys, out_dir, [f"--dataset={name}"], "train.bin not found", f"python {script}")
+    assert "no such script" not in err
+
+
+def test_missing_val_bin_is_named(capsys, out_dir, make_dataset):
+    name = make_dataset(train_ids=char_ids(), meta=CHAR_META)
+    err = expect_user_error(capsys, out_dir, [f"--dataset={name}"], f"{name}/val.bin not found", "prepare.py")
+    assert "train.bin" not in err
+
+
+@pytest.mark.parametrize("bad_id", [CHAR_VOCAB, 60000])
+def test_token_ids_beyond_the_vocabulary_are_refused(capsys, out_dir, make_dataset, bad_id):
+    ids = char_ids()
+    ids[1234] = bad_id
+    name = make_dataset(train_ids=ids, val_ids=char_ids(seed=1), meta=CHAR_META)
+    expect_user_error(capsys, out_dir, [f"--dataset={name}"], f"train.bin holds token id {bad_id}",
+                      f"vocab_size is {CHAR_VOCAB}")
+
+
+def test_gpt2_dataset_token_ids_beyond_the_padded_vocabulary_are_refused(capsys, out_dir, make_dataset):
+    ids = char_ids()
+    ids[-1] = 60000
+    name = make_dataset(train_ids=char_ids(), val_ids=ids, meta={"tokenizer": "gpt2", "vocab_size": 50257})
+    expect_user_error(capsys, out_dir, [f"--dataset={name}"], "val.bin holds token id 60000", "vocab_size is 50304")
+
+
+def test_block_size_larger_than_the_data_is_refused(capsys, out_dir, make_dataset):
+    name = make_dataset(train_ids=char_ids(50), val_ids=char_ids(2000), meta=CHAR_META)
+    expect_user_error(capsys, out_dir, [f"--dataset={name}", "--block_size=64"], "train.bin holds 50 tokens",
+                      "--block_size")
+
+
+def test_empty_token_file_is_refused(capsys, out_dir, make_dataset):
+    name = make_dataset(train_ids=char_ids(), val_ids=[], meta=CHAR_META)
+    expect_user_error(capsys, out_dir, [f"--dataset={name}"], "val.bin holds 0 tokens")
+
+
+def test_odd_sized_token_file_is_refused(capsys, out_dir, make_dataset):
+    name = make_dataset(val_ids=char_ids(), meta=CHAR_META, raw={"train.bin": b"\x01" * 2001})
+    expect_user_error(capsys, out_dir, [f"--dataset={name}"], "train.bin has an odd size")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accumulation_steps_not_divisible_by_world_size_fails_before_process_group(tmp_path):
+    """As launched by torchrun with 3 processes: validate() refuses the config before
+    init_process_group, which would otherwise wait for the two missing ranks."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "train.py", *TINY, f"--out_dir={tmp_path}", "--gradient_accumulation_steps=4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: gradient_accumulation_steps=4 is not divisible by the world size 3")
+    assert not list(tmp_path.iterdir())
