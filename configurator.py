@@ -4,6 +4,7 @@ The defaults are plain module-level values in train.py. Then, in order:
     python train.py config/some_config.py --batch_size=32 --compile=False
 a bare argument is a Python file executed to override defaults, and `--key=value`
 overrides one key, the value parsed with `ast.literal_eval` (a bare word is a string).
+A config file can start from another with `include("other.py")` (path relative to it).
 An unknown key is an error naming the closest known keys; a value of another type than
 the default's (except int for float) is an error naming the key and both types.
 `--help` prints every key with its default and the comment from its line in train.py.
@@ -99,12 +100,21 @@ def apply_config_file(path: str, config: dict[str, Any]) -> None:
         raise UserError(f"config file {path} not found; give a file from config/ "
                         f"(e.g. config/train_shakespeare_char.py) or --key=value overrides")
     namespace = dict(config)
+
+    def include(name: str) -> None:
+        """Apply another config file (path relative to this one) at this point."""
+        apply_config_file(str(file.parent / name), config)
+        namespace.update(config)
+
+    namespace["include"] = include
     try:
         exec(compile(file.read_text(), str(file), "exec"), namespace)
+    except UserError:
+        raise
     except Exception as e:  # a user's Python file: report its error on one line
         raise UserError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
     for key, value in namespace.items():
-        if key.startswith("_") or not isinstance(value, CONFIG_TYPES):
+        if key.startswith("_") or not isinstance(value, CONFIG_TYPES + (list, dict)):
             continue  # imports, helpers and dunders of the config file
         if key not in config:
             raise unknown_key_error(key, list(config), path)

@@ -118,6 +118,8 @@ def validate(cfg: Config, world_size: int) -> None:
         if cfg.hess_batch_size // world_size > cfg.batch_size * local_accum:
             raise UserError(f"hess_batch_size={cfg.hess_batch_size} exceeds the batch of one step "
                             f"({cfg.batch_size * local_accum * world_size} sequences); lower it")
+    if cfg.init_from.startswith("gpt2") and cfg.block_size > 1024:
+        raise UserError(f"block_size={cfg.block_size} exceeds GPT-2's 1024 positions; use --block_size=1024 or less")
     if cfg.init_from not in ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         raise UserError(f"init_from={cfg.init_from!r}: use 'scratch', 'resume' or one of 'gpt2', 'gpt2-medium', "
                         f"'gpt2-large', 'gpt2-xl'")
@@ -445,12 +447,12 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
     if cfg.init_from == "resume":
         checkpoint = load_checkpoint(out_dir / CHECKPOINT, dev)
         saved = checkpoint["model_args"]
-        changed = {k: (saved[k], model_args[k]) for k in model_args if k != "vocab_size" and saved.get(k) != model_args[k]}
+        changed = {k: (saved[k], model_args[k]) for k in model_args if k not in ("vocab_size", "dropout") and saved.get(k) != model_args[k]}
         if changed:
             k, (a, b) = next(iter(changed.items()))
             raise UserError(f"checkpoint in {out_dir} has {k}={a!r} but the config asks for {b!r}; resume with the "
                             f"config the run was started with, or use a new --out_dir")
-        model_args = saved
+        model_args = {**saved, "dropout": cfg.dropout}  # dropout may change between runs
         model = GPT(GPTConfig(**model_args))
         try:
             model.load_state_dict(checkpoint["model"])

@@ -304,12 +304,11 @@ def test_load_hf_state_dict_rejects_missing_tensors_and_wrong_shapes():
 
 @pytest.mark.parametrize("scale_by_layer", [False, True])
 def test_load_hf_state_dict_reproduces_transformers_gpt2_logits(scale_by_layer):
-    """Against the real GPT2LMHeadModel (skipped without `transformers`). GPT-2 proper
-    uses the tanh GELU approximation ("gelu_new") while model.py uses nn.GELU()'s exact
-    erf form, as nanoGPT does; so the HF config here asks for the exact "gelu"."""
+    """Against the real GPT2LMHeadModel with GPT-2's own activation, the tanh GELU
+    approximation "gelu_new" (skipped without `transformers`)."""
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(
-        vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=H, activation_function="gelu",
+        vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=H, activation_function="gelu_new",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
         scale_attn_by_inverse_layer_idx=scale_by_layer)
     torch.manual_seed(0)
