@@ -1,0 +1,98 @@
+"""Generate text from a trained checkpoint or from OpenAI's GPT-2 weights.
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+    python sample.py --init_from=gpt2 --start=FILE:prompt.txt --max_new_tokens=100
+The tokenizer is the one of the dataset the checkpoint was trained on (character level or
+GPT-2 BPE); GPT-2 weights use GPT-2's BPE. Keys as in train.py: --help lists them.
+"""
+
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import configurator
+from configurator import UserError
+from model import GPT, GPTConfig
+from tokenizer import gpt2_encoding, load_tokenizer, read_meta
+
+init_from = "resume"  # 'resume' (the checkpoint in out_dir) or 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
+out_dir = "out-shakespeare-char"  # the training run to sample from
+start = "\n"  # the prompt; "FILE:path.txt" reads it from a file
+num_samples = 3  # how many samples
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # < 1 sharpens, > 1 flattens the distribution; 0 is greedy
+top_k = 200  # keep only the k most likely tokens (0 keeps all)
+seed = 1337  # the sampling seed
+device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
+dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, float32 otherwise), 'float32', 'bfloat16', 'float16'
+DEFAULTS = {k: globals()[k] for k in configurator.config_keys(dict(globals()))}
+
+
+def load_model(cfg: dict) -> tuple[GPT, Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """The model and its (encode, decode) pair."""
+    if cfg["init_from"] != "resume":
+        try:
+            model = GPT.from_pretrained(cfg["init_from"])
+        except (ImportError, OSError, ValueError) as e:
+            raise UserError(f"init_from={cfg['init_from']!r}: cannot load GPT-2 weights ({e})") from e
+        enc = gpt2_encoding()
+        return model, lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode
+    path = Path(cfg["out_dir"]) / "ckpt.pt"
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}; train first (python train.py config/train_shakespeare_char.py) "
+                        f"or pass --out_dir of a finished run")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    data_dir = Path(__file__).resolve().parent / "data" / checkpoint["config"]["dataset"]
+    try:
+        meta = read_meta(data_dir)
+    except FileNotFoundError:
+        meta = {"tokenizer": "gpt2"}  # datasets without meta.json are GPT-2 BPE (e.g. openwebtext)
+    encode, decode = load_tokenizer(meta)
+    return model, encode, decode
+
+
+@configurator.exit_on_user_error
+def main(argv: list[str] | None = None) -> list[str]:
+    """Print and return the samples."""
+    cfg = configurator.parse(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__)
+    from train import pick_device, pick_dtype
+    dev = pick_device(cfg["device"])
+    device_type = "cuda" if dev.startswith("cuda") else dev
+    dtype_name = pick_dtype(cfg["dtype"], device_type)
+    autocast = (nullcontext() if dtype_name == "float32"
+                else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name)))
+    model, encode, decode = load_model(cfg)
+    model.eval().to(dev)
+
+    prompt = cfg["start"]
+    if prompt.startswith("FILE:"):
+        file = Path(prompt[5:])
+        if not file.is_file():
+            raise UserError(f"prompt file {file} not found; give an existing file after FILE:")
+        prompt = file.read_text()
+    try:
+        ids = encode(prompt)
+    except ValueError as e:
+        raise UserError(f"the prompt cannot be encoded: {e}; change --start") from e
+    if not ids:
+        raise UserError("the prompt is empty; give at least one character with --start")
+    x = torch.tensor(ids, dtype=torch.long, device=dev)[None, ...]
+    generator = torch.Generator(device=dev).manual_seed(cfg["seed"])
+    samples = []
+    with torch.no_grad(), autocast:
+        for _ in range(cfg["num_samples"]):
+            y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"],
+                               top_k=cfg["top_k"] or None, generator=generator)
+            samples.append(decode(y[0].tolist()))
+            print(samples[-1])
+            print("---------------")
+    return samples
+
+
+if __name__ == "__main__":
+    main()
