@@ -320,25 +320,39 @@ def sample_labels(logits: Tensor, uniform: Tensor) -> Tensor:
     return labels.clamp_(max=logits.size(-1) - 1)
 
 
-def gnb_hessian(model: Callable, params: list[Tensor], inputs: list[Tensor], generator: torch.Generator,
+def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn the gradient all-reduce of a DDP or FSDP2 module on or off, so that only the
+    last of several backward passes pays for it; a plain module is left alone."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2's fully_shard
+        model.set_requires_gradient_sync(enabled)
+
+
+def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tensor], generator: torch.Generator,
                 rank: int = 0, world_size: int = 1, autocast=None, loss_scale: float = 1.0) -> list[Tensor]:
     """Gauss-Newton-Bartlett estimate (paper Algorithm 2): h_hat = B g_hat * g_hat, where
     g_hat is the gradient of the mean cross-entropy against labels sampled from the
-    model's own softmax over B predictions (all tokens of the estimator's batch, summed
-    over ranks).
+    model's own softmax over B predictions (all tokens of the estimator's batch, over all
+    ranks). The gradient is not clipped.
 
-    `model(x)` returns (logits, _); `inputs` are this rank's input chunks (B_i, T);
-    `generator` must be seeded identically on every rank: each rank draws the uniforms of
-    the whole global batch and uses its own slice, so 2 ranks compute exactly what one
-    process computes on the same data. The gradient is not clipped.
+    `model(x)` returns (logits, _); `inputs` are this rank's input chunks (B_i, T). The
+    gradient goes through the ordinary backward into .grad, so a DDP or FSDP2 module
+    averages it over ranks itself (and FSDP2's sharded DTensor parameters work); .grad must
+    be empty on entry and is left empty. `generator` must be seeded identically on every
+    rank: each rank draws the uniforms of the whole global batch and uses its own slice, so
+    2 ranks compute exactly what one process computes on the same data.
     """
+    if any(p.grad is not None for p in params):
+        raise RuntimeError("gnb_hessian needs empty .grad: call it before the step's backward "
+                           "or after zero_grad(set_to_none=True)")
     local_preds = sum(x.numel() for x in inputs)
     global_preds = local_preds * world_size
     uniforms = torch.rand(global_preds, generator=generator, device=generator.device)
     uniforms = uniforms[rank * local_preds:(rank + 1) * local_preds].to(inputs[0].device)
-    total = [torch.zeros_like(p) for p in params]
     offset = 0
-    for x in inputs:
+    for i, x in enumerate(inputs):
+        set_grad_sync(model, i == len(inputs) - 1)
         with autocast or contextlib.nullcontext():
             logits, _ = model(x)
         u = uniforms[offset:offset + x.numel()].view(x.shape)
@@ -347,13 +361,13 @@ def gnb_hessian(model: Callable, params: list[Tensor], inputs: list[Tensor], gen
         # Sum here and divide by the rank's prediction count: the mean over all local tokens.
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
                                reduction="sum") / local_preds
-        grads = torch.autograd.grad(loss * loss_scale, params, allow_unused=True)
-        for t, g in zip(total, grads):
-            if g is not None:
-                t.add_(g)
-    _average_across_ranks(total)
+        (loss * loss_scale).backward()
     scale = global_preds / (loss_scale * loss_scale)
-    return [scale * g * g for g in total]
+    h_hat = []
+    for p in params:
+        h_hat.append(None if p.grad is None else scale * p.grad * p.grad)
+        p.grad = None
+    return h_hat
 
 
 def hutchinson_hessian(model: Callable, params: list[Tensor], batches: list[tuple[Tensor, Tensor]],

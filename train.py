@@ -154,20 +154,27 @@ def pick_dtype(requested: str, device_type: str) -> str:
 
 
 class Batches:
-    """Random (x, y) windows from a uint16 token file; the order is a function of the seed
-    and rank only, so every optimizer sees the same data, and it is resumable."""
+    """Random windows of a uint16 token file. Each step draws the offsets of the whole
+    global batch from one generator, seeded alike on every rank, and each rank takes its
+    own block of them: the data order depends on the seed alone (not on the optimizer or
+    the world size), and the generator's state is the sampler's position in a checkpoint."""
 
     def __init__(self, path: Path, block_size: int, batch_size: int, seed: int, device: str):
         self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
-        self.n_tokens = len(np.memmap(path, dtype=np.uint16, mode="r"))
+        self.n_tokens = path.stat().st_size // 2
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # A fresh memmap per batch avoids the memory growth of a long-lived one (nanoGPT #93).
+    def step(self, micro_steps: int, rank: int = 0, world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's `micro_steps` (x, y) micro-batches of the next global batch."""
+        ix = torch.randint(self.n_tokens - self.block_size, (world_size, micro_steps, self.batch_size),
+                           generator=self.generator)[rank]
+        # A fresh memmap per step avoids the memory growth of a long-lived one (nanoGPT #93).
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        ix = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
-        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])
+        return [self._load(data, row.tolist()) for row in ix]
+
+    def _load(self, data: np.memmap, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        window = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in offsets]).astype(np.int64))
+        x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
@@ -244,8 +251,9 @@ class HessianEstimator:
                  optimizer: torch.optim.Optimizer, rank: int, world_size: int, autocast, loss_scale,
                  device: str):
         self.cfg, self.optimizer, self.rank, self.world_size = cfg, optimizer, rank, world_size
-        # GNB needs only a first-order gradient: the compiled model is fine. Hutchinson needs
-        # a double backward, which torch.compile does not support: use the eager module.
+        # GNB goes through the training model (compiled, DDP-wrapped: it averages g_hat over
+        # ranks). Hutchinson needs a double backward, which neither torch.compile nor DDP
+        # supports: the eager module, with H u all-reduced by hand.
         self.model = model if cfg.optimizer_name == "sophiag" else eager_model
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.autocast, self.loss_scale = autocast, loss_scale
@@ -341,16 +349,16 @@ def get_lr(cfg: Config, it: int) -> float:
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast, device: str,
-                  rank: int) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split, averaged over ranks. The batches come
-    from a fixed seed, so every evaluation of every run scores the same windows."""
+                  rank: int, world_size: int) -> dict[str, float]:
+    """Mean loss over eval_iters global batches per split, shared out over ranks. The
+    batches come from a fixed seed, so every evaluation of every run (on any number of
+    GPUs) scores the same windows."""
     out = {}
     model.eval()
     for split in ("train", "val"):
-        batches = Batches(data_dir / f"{split}.bin", cfg.block_size, cfg.batch_size, cfg.seed + 1000 + rank, device)
+        batches = Batches(data_dir / f"{split}.bin", cfg.block_size, cfg.batch_size, cfg.seed + 1000, device)
         losses = torch.zeros(cfg.eval_iters, device=device)
-        for k in range(cfg.eval_iters):
-            x, y = batches.next()
+        for k, (x, y) in enumerate(batches.step(cfg.eval_iters, rank, world_size)):
             with autocast:
                 _, loss = model(x, y)
             losses[k] = loss
@@ -490,19 +498,20 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
-    raw_model = model.module if ddp else model  # compiled (or not), without the DDP wrapper
 
-    batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, cfg.seed + rank, dev)
+    batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, cfg.seed, dev)
     estimator = None
     if cfg.optimizer_name.startswith("sophia"):
-        estimator = HessianEstimator(cfg, raw_model, eager_model, optimizer, rank, world_size, autocast,
+        estimator = HessianEstimator(cfg, model, eager_model, optimizer, rank, world_size, autocast,
                                      scaler.get_scale if scaler.is_enabled() else (lambda: 1.0), dev)
     if checkpoint is not None:
-        if checkpoint.get("world_size") == world_size:
-            set_rng_state(checkpoint["rng"][rank], batches, estimator)
-        elif master:
-            print(f"resuming with world size {world_size} (was {checkpoint.get('world_size')}): "
-                  f"the data order continues differently, so the run is no longer bitwise the same")
+        saved_rngs = checkpoint["rng"]
+        # The data and estimator generators are alike on every rank, so they continue exactly
+        # on any world size; the global torch RNG (dropout) is per rank.
+        set_rng_state(saved_rngs[rank % len(saved_rngs)], batches, estimator)
+        if len(saved_rngs) != world_size and master:
+            print(f"resuming on {world_size} ranks (was {len(saved_rngs)}): the data order continues exactly, "
+                  f"but gradients are reduced in another order, so the run is no longer bitwise the same")
         checkpoint = None  # free the memory
 
     wandb = None
@@ -541,7 +550,7 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
     t_log = time.perf_counter()
     while True:
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
-            losses = estimate_loss(model, cfg, data_dir, autocast, dev, rank)
+            losses = estimate_loss(model, cfg, data_dir, autocast, dev, rank, world_size)
             last_eval = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -559,7 +568,7 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         lr = get_lr(cfg, iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_batches = [batches.next() for _ in range(local_accum)]
+        step_batches = batches.step(local_accum, rank, world_size)
         if estimator is not None and iter_num % cfg.hess_interval == 0:
             estimator(step_batches)
         loss, norm = train_step(model, optimizer, scaler, step_batches, autocast, cfg.grad_clip, ddp)
