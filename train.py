@@ -13,6 +13,8 @@ that step's batch (paper Algorithm 3: h_t is estimated at theta_t and used at st
 import json
 import math
 import os
+import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -26,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 from configurator import UserError
 from model import GPT, GPTConfig
+from sophia import SophiaG, SophiaH, gnb_hessian, hutchinson_hessian, set_grad_sync
 
 # ----------------------------------------------------------------------------- defaults
 # GPT-2 small (124M) on OpenWebText with AdamW, batch 480 x 1024 tokens (paper Table 2).
@@ -36,7 +39,9 @@ log_interval = 10  # steps between console log lines
 eval_iters = 200  # batches per split in each evaluation (the same batches every time)
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
-init_from = "scratch"  # 'scratch', 'resume' (latest checkpoint in out_dir) or 'gpt2', 'gpt2-medium', ...
+init_from = "scratch"  # 'scratch', 'resume' (latest checkpoint in out_dir), 'auto' (resume if there is one), 'gpt2*'
+keep_checkpoints = 2  # how many of the latest checkpoints (ckpt_<step>.pt) to keep in out_dir
+max_bad_steps = 20  # stop (with a checkpoint) after this many consecutive steps with a non-finite loss or gradient
 # wandb logging
 wandb_log = False  # log to Weights & Biases (offline mode when no API key is set)
 wandb_project = "sophia"  # wandb project name
@@ -78,7 +83,6 @@ seed = 1337  # seeds model init, data order and the estimator's random draws
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: globals()[k] for k in configurator.config_keys(dict(globals()))}
 OPTIMIZERS = ("adamw", "lion", "sophiag", "sophiah")
-CHECKPOINT = "ckpt.pt"
 
 
 class Config(dict):
@@ -120,8 +124,10 @@ def validate(cfg: Config, world_size: int) -> None:
                             f"({cfg.batch_size * local_accum * world_size} sequences); lower it")
     if cfg.init_from.startswith("gpt2") and cfg.block_size > 1024:
         raise UserError(f"block_size={cfg.block_size} exceeds GPT-2's 1024 positions; use --block_size=1024 or less")
-    if cfg.init_from not in ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-        raise UserError(f"init_from={cfg.init_from!r}: use 'scratch', 'resume' or one of 'gpt2', 'gpt2-medium', "
+    if cfg.keep_checkpoints < 1 or cfg.max_bad_steps < 1:
+        raise UserError("keep_checkpoints and max_bad_steps must be at least 1")
+    if cfg.init_from not in ("scratch", "resume", "auto", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        raise UserError(f"init_from={cfg.init_from!r}: use 'scratch', 'resume', 'auto' or one of 'gpt2', 'gpt2-medium', "
                         f"'gpt2-large', 'gpt2-xl'")
 
 
@@ -238,7 +244,6 @@ def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Op
     if cfg.optimizer_name == "lion":
         from lion_pytorch import Lion
         return Lion(groups, lr=cfg.learning_rate, betas=betas)
-    from sophia import SophiaG, SophiaH
     cls = SophiaG if cfg.optimizer_name == "sophiag" else SophiaH
     return cls(groups, lr=cfg.learning_rate, betas=betas, rho=cfg.rho, impl=cfg.optimizer_impl)
 
@@ -264,7 +269,6 @@ class HessianEstimator:
         self.seconds = 0.0
 
     def __call__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        from sophia import gnb_hessian, hutchinson_hessian
         t0 = time.perf_counter()
         chunks, left = [], self.local_sequences
         for x, y in batches:
@@ -284,21 +288,35 @@ class HessianEstimator:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a temporary file, fsync, then rename, so a crash mid-write leaves
-    the previous checkpoint intact."""
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The checkpoints in out_dir, oldest first (names are zero-padded step numbers)."""
+    return sorted(out_dir.glob("ckpt_*.pt"))
+
+
+def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
+    """Write ckpt_<step>.pt atomically (temporary file, fsync, rename, fsync of the folder),
+    so a crash at any moment leaves every earlier checkpoint intact; then delete all but
+    the `keep` latest."""
+    path = out_dir / f"ckpt_{state['iter_num']:08d}.pt"
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in checkpoints(out_dir)[:-keep]:
+        old.unlink()
+    return path
 
 
-def load_checkpoint(path: Path, device: str) -> dict:
-    if not path.exists():
-        raise UserError(f"init_from='resume' but {path} does not exist; train from scratch first "
-                        f"or point --out_dir at the run to resume")
+def read_checkpoint(path: Path, device: str = "cpu") -> dict:
+    """Load one checkpoint (weights_only: a checkpoint cannot run code); UserError if it is
+    damaged or not one of ours."""
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -312,8 +330,32 @@ def load_checkpoint(path: Path, device: str) -> dict:
     return checkpoint
 
 
+def load_latest_checkpoint(out_dir: Path, device: str = "cpu") -> dict:
+    """The newest readable checkpoint in out_dir; a damaged newer one (a disk that lost
+    the end of a file) is reported and skipped."""
+    paths = checkpoints(out_dir)
+    if not paths:
+        raise UserError(f"init_from='resume' but {out_dir} holds no checkpoint (ckpt_*.pt); train from scratch "
+                        f"first or point --out_dir at the run to resume")
+    damaged = []
+    for path in reversed(paths):
+        try:
+            checkpoint = read_checkpoint(path, device)
+        except UserError as e:
+            damaged.append(e)
+            continue
+        for e in damaged:
+            print(f"warning: skipped a newer checkpoint: {e}", file=sys.stderr)
+        return checkpoint
+    raise damaged[0]
+
+
 def rng_state(batches: Batches, estimator: HessianEstimator | None) -> dict:
+    np_state = np.random.get_state(legacy=False)
     state = {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                                        "pos": np_state["state"]["pos"]}},
         "torch": torch.get_rng_state(),
         "data": batches.generator.get_state(),
     }
@@ -325,6 +367,10 @@ def rng_state(batches: Batches, estimator: HessianEstimator | None) -> dict:
 
 
 def set_rng_state(state: dict, batches: Batches, estimator: HessianEstimator | None) -> None:
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {"key": np_state["state"]["key"].cpu().numpy().astype(np.uint32),
+                                               "pos": np_state["state"]["pos"]}})
     torch.set_rng_state(state["torch"].cpu())
     batches.generator.set_state(state["data"].cpu())
     if "cuda" in state and torch.cuda.is_available():
@@ -371,15 +417,17 @@ def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast,
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batches: list[tuple[torch.Tensor, torch.Tensor]], autocast, grad_clip: float,
-               ddp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over the micro-batches of this rank; the same for every optimizer.
-    Returns (mean loss, gradient norm before clipping) as device tensors (no host sync)."""
+               batches: list[tuple[torch.Tensor, torch.Tensor]], autocast, grad_clip: float
+               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step over this rank's micro-batches; the same for every optimizer.
+
+    Returns (mean loss, gradient norm before clipping, whether the step was applied). A
+    step whose loss or gradient is not finite is skipped (GradScaler's rule, for every
+    dtype), so the parameters and the optimizer state (m, h) stay as they were; checking
+    costs one host sync per step, negligible beside the accumulation's micro-steps."""
     total = torch.zeros((), device=batches[0][0].device)
     for i, (x, y) in enumerate(batches):
-        if ddp:
-            # All-reduce gradients only on the last micro-step.
-            model.require_backward_grad_sync = i == len(batches) - 1
+        set_grad_sync(model, i == len(batches) - 1)  # all-reduce only on the last micro-step
         with autocast:
             _, loss = model(x, y)
             loss = loss / len(batches)
@@ -388,10 +436,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)
+    applied = bool(torch.isfinite(norm) & torch.isfinite(total))
+    if applied:
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total, norm
+    return total, norm, applied
 
 
 @configurator.exit_on_user_error
@@ -452,8 +502,9 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
                       bias=cfg.bias, vocab_size=None, dropout=cfg.dropout,
                       scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx)
     checkpoint = None
-    if cfg.init_from == "resume":
-        checkpoint = load_checkpoint(out_dir / CHECKPOINT, dev)
+    resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and bool(checkpoints(out_dir)))
+    if resume:
+        checkpoint = load_latest_checkpoint(out_dir, dev)
         saved = checkpoint["model_args"]
         changed = {k: (saved[k], model_args[k]) for k in model_args if k not in ("vocab_size", "dropout") and saved.get(k) != model_args[k]}
         if changed:
@@ -542,70 +593,106 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
                 "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "config": dict(cfg), "rng": rngs, "world_size": world_size}
 
+    def save() -> None:
+        state = checkpoint_state()  # a collective under DDP: every rank takes part
+        if master:
+            save_checkpoint(out_dir, state, cfg.keep_checkpoints)
+
+    # Preemption (SLURM sends SIGTERM or SIGUSR1): finish the current step, checkpoint, exit 0.
+    stop_signal: list[str] = []
+    handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signal.Signals(signum).name))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
     last_eval: dict = {}
     start_iter = iter_num
     loss_sum = torch.zeros((), device=dev)
     clip_count = torch.zeros((), device=dev)
-    steps_since_log = 0
+    steps_since_log = applied_since_log = bad_in_a_row = skipped_total = 0
     t_log = time.perf_counter()
-    while True:
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
-            losses = estimate_loss(model, cfg, data_dir, autocast, dev, rank, world_size)
-            last_eval = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
-            if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({"kind": "eval", **last_eval})
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
-                state = checkpoint_state()
+    try:
+        while True:
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
+                losses = estimate_loss(model, cfg, data_dir, autocast, dev, rank, world_size)
+                last_eval = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
                 if master:
-                    save_checkpoint(out_dir / CHECKPOINT, state)
-            t_log = time.perf_counter()  # evaluation time is not training time
-        if iter_num >= cfg.max_iters or cfg.eval_only:
-            break
+                    print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log({"kind": "eval", **last_eval})
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                    save()
+                t_log = time.perf_counter()  # evaluation time is not training time
+            if iter_num >= cfg.max_iters or cfg.eval_only:
+                break
 
-        lr = get_lr(cfg, iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_batches = batches.step(local_accum, rank, world_size)
-        if estimator is not None and iter_num % cfg.hess_interval == 0:
-            estimator(step_batches)
-        loss, norm = train_step(model, optimizer, scaler, step_batches, autocast, cfg.grad_clip, ddp)
-        loss_sum += loss
-        if cfg.grad_clip > 0:
-            clip_count += (norm > cfg.grad_clip).float()
-        iter_num += 1
-        steps_since_log += 1
+            lr = get_lr(cfg, iter_num)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_batches = batches.step(local_accum, rank, world_size)
+            if estimator is not None and iter_num % cfg.hess_interval == 0:
+                estimator(step_batches)
+            loss, norm, applied = train_step(model, optimizer, scaler, step_batches, autocast, cfg.grad_clip)
+            iter_num += 1
+            steps_since_log += 1
+            if applied:
+                bad_in_a_row = 0
+                applied_since_log += 1
+                loss_sum += loss
+                if cfg.grad_clip > 0:
+                    clip_count += (norm > cfg.grad_clip).float()
+            else:
+                bad_in_a_row += 1
+                skipped_total += 1
+                if master:
+                    print(f"iter {iter_num}: non-finite loss or gradient, step skipped ({bad_in_a_row} in a row)")
+                log({"kind": "skipped", "iter": iter_num, "in_a_row": bad_in_a_row})
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    save()
+                    raise UserError(f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (up to step "
+                                    f"{iter_num}); saved the last good weights as step {iter_num} in {out_dir}. Lower "
+                                    f"--learning_rate or check the data, then continue with --init_from=resume")
 
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            lossf = loss_sum.item() / steps_since_log  # the sync point of the loop
-            dt = (time.perf_counter() - t_log) / steps_since_log
-            record = {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
-                      "tokens_per_s": tokens_per_iter / dt, "grad_norm": norm.item(),
-                      "clip_frac": clip_count.item() / steps_since_log}
-            mfu = eager_model.estimate_mfu(tokens_per_iter // world_size, dt, dev)
-            line = f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms"
-            if mfu is not None:
-                record["mfu"] = mfu
-                line += f", mfu {mfu * 100:.2f}%"
-            line += f", lr {lr:.2e}, tok/s {tokens_per_iter / dt:,.0f}"
-            if estimator is not None:
-                stats = optimizer.stats()
-                record.update(win_rate=stats["win_rate"], hessian_norm=stats["hessian_norm"],
-                              skipped_estimates=stats["skipped_estimates"],
-                              estimator_ms=estimator.seconds * 1000 / steps_since_log)
-                line += f", win {stats['win_rate']:.3f}, |h| {stats['hessian_norm']:.3g}"
-                estimator.seconds = 0.0
-            if master:
-                print(line)
-            log(record)
-            loss_sum.zero_()
-            clip_count.zero_()
-            steps_since_log = 0
-            t_log = time.perf_counter()
+            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                if ddp:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                lossf = loss_sum.item() / max(1, applied_since_log)  # the loop's regular sync point
+                dt = (time.perf_counter() - t_log) / steps_since_log
+                record = {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
+                          "tokens_per_s": tokens_per_iter / dt, "grad_norm": norm.item(),
+                          "clip_frac": clip_count.item() / max(1, applied_since_log),
+                          "skipped_steps": skipped_total}
+                mfu = eager_model.estimate_mfu(tokens_per_iter // world_size, dt, dev)
+                line = f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms"
+                if mfu is not None:
+                    record["mfu"] = mfu
+                    line += f", mfu {mfu * 100:.2f}%"
+                line += f", lr {lr:.2e}, tok/s {tokens_per_iter / dt:,.0f}"
+                if estimator is not None:
+                    stats = optimizer.stats()
+                    record.update(win_rate=stats["win_rate"], hessian_norm=stats["hessian_norm"],
+                                  skipped_estimates=stats["skipped_estimates"],
+                                  estimator_ms=estimator.seconds * 1000 / steps_since_log)
+                    line += f", win {stats['win_rate']:.3f}, |h| {stats['hessian_norm']:.3g}"
+                    estimator.seconds = 0.0
+                if master:
+                    print(line)
+                log(record)
+                loss_sum.zero_()
+                clip_count.zero_()
+                steps_since_log = applied_since_log = 0
+                t_log = time.perf_counter()
+
+            stopping = torch.tensor(float(bool(stop_signal)), device=dev)
+            if ddp:  # any rank signalled: all stop at the same step
+                dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+            if stopping.item() > 0:
+                save()
+                if master:
+                    print(f"received {stop_signal[0] if stop_signal else 'a stop signal'}: saved a checkpoint at step "
+                          f"{iter_num} in {out_dir}; continue with --init_from=resume")
+                break
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
     if metrics_file is not None:
         metrics_file.close()

@@ -1,5 +1,5 @@
 """Specification of train.py: training lowers the loss, what a run writes (metrics.jsonl,
-config.json, ckpt.pt, console lines), bitwise resume, and the catalogue of bad inputs,
+config.json, ckpt_<step>.pt, console lines), bitwise resume, and the catalogue of bad inputs,
 each refused with one `error: ...` line, exit status 2 and nothing overwritten.
 
 Runs are in-process (`train.main(argv)` returns the last evaluation) with a 2-layer,
@@ -83,8 +83,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def latest(out_dir: Path) -> Path:
+    return train.checkpoints(out_dir)[-1]
+
+
 def load_ckpt(out_dir: Path) -> dict:
-    return torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    return torch.load(latest(out_dir), map_location="cpu", weights_only=True)
 
 
 def assert_same_tensors(a, b, where: str = "") -> None:
@@ -201,7 +205,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_run_state(twenty_step_
                                   "scale_attn_by_inverse_layer_idx": False}
     assert ckpt["config"]["optimizer_name"] == name.split("-")[0]
     assert ckpt["best_val_loss"] == min(e["val_loss"] for e in run.records("eval"))
-    assert not (run.out_dir / "ckpt.pt.tmp").exists()  # written atomically
+    assert not list(run.out_dir.glob("*.tmp"))  # written atomically
     # The weights are the trained model: evaluating them reproduces the logged val loss (below).
 
 
@@ -227,10 +231,11 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(twenty_step_run, tm
 def test_eval_only_resume_reproduces_the_final_val_loss_and_writes_no_checkpoint(tmp_path):
     out_dir = tmp_path / "out"
     run = run_train(out_dir, "--max_iters=6", "--eval_interval=3")
-    before = (out_dir / "ckpt.pt").read_bytes()
+    before = snapshot(out_dir)
     again = run_train(out_dir, "--max_iters=6", "--eval_interval=3", "--init_from=resume", "--eval_only=True")
     assert again.result == run.result  # fixed evaluation batches: the same windows every time
-    assert (out_dir / "ckpt.pt").read_bytes() == before
+    after = snapshot(out_dir)
+    assert {k: v for k, v in after.items() if k.startswith("ckpt")} == {k: v for k, v in before.items() if k.startswith("ckpt")}
 
 
 def test_get_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
@@ -250,10 +255,10 @@ def test_get_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
 
 @pytest.fixture(scope="module")
 def previous_run(tmp_path_factory) -> Path:
-    """An out_dir holding a finished adamw run (ckpt.pt, config.json, metrics.jsonl)."""
+    """An out_dir holding a finished adamw run (ckpt_*.pt, config.json, metrics.jsonl)."""
     out_dir = tmp_path_factory.mktemp("previous")
     run_train(out_dir, "--max_iters=4", "--eval_interval=2")
-    assert (out_dir / "ckpt.pt").exists()
+    assert train.checkpoints(out_dir)
     return out_dir
 
 
@@ -366,17 +371,20 @@ def test_gpt2_init_that_cannot_get_the_weights_is_refused(capsys, out_dir, monke
 
 
 def test_resume_without_checkpoint_is_refused(capsys, tmp_path):
-    expect_user_error(capsys, tmp_path, ["--init_from=resume"], "ckpt.pt does not exist")
+    expect_user_error(capsys, tmp_path, ["--init_from=resume"], "holds no checkpoint")
     assert not list(tmp_path.iterdir())
 
 
-def test_resume_from_a_damaged_checkpoint_is_refused_on_one_line(capsys, out_dir):
-    (out_dir / "ckpt.pt").write_bytes(b"not a checkpoint")
+def test_resume_when_every_checkpoint_is_damaged_is_refused_on_one_line(capsys, out_dir):
+    for path in train.checkpoints(out_dir):
+        path.write_bytes(b"not a checkpoint")
     expect_user_error(capsys, out_dir, ["--init_from=resume"], "cannot read checkpoint", "damaged")
 
 
 def test_resume_from_a_foreign_torch_file_is_refused(capsys, out_dir):
-    torch.save({"state_dict": {"w": torch.zeros(2)}}, out_dir / "ckpt.pt")
+    for path in train.checkpoints(out_dir):
+        path.unlink()
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, out_dir / "ckpt_00000001.pt")
     expect_user_error(capsys, out_dir, ["--init_from=resume"], "not a checkpoint of this project", "model_args")
 
 
