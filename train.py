@@ -478,6 +478,8 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
             probe = out_dir / ".write_test"
             probe.write_text("")
             probe.unlink()
+            for stale in out_dir.glob("ckpt_*.pt.tmp"):  # left by a crash mid-write
+                stale.unlink()
         except OSError as e:
             raise UserError(f"cannot write to out_dir={str(out_dir)!r} ({e.strerror}); choose another --out_dir")
     local_accum = cfg.gradient_accumulation_steps // world_size

@@ -1,0 +1,177 @@
+"""Specification of fault tolerance in train.py: checkpoints that survive anything,
+preemption by SIGTERM/SIGUSR1, kill -9 at any moment, and non-finite steps.
+
+A resumed run is the run it continues: bitwise on CPU, for every optimizer, whether
+the stop falls before, on or after a Hessian refresh (hess_interval=3 below).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import GPT
+from test_train import TINY, assert_same_tensors, load_ckpt, one_thread, run_train  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+SIXTY = ["--max_iters=60", "--lr_decay_iters=60", "--eval_interval=1000", "--log_interval=1"]
+
+
+def final_state(out_dir: Path) -> dict:
+    ckpt = load_ckpt(out_dir)
+    return {"model": ckpt["model"], "optimizer": ckpt["optimizer"], "iter_num": ckpt["iter_num"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The 60-step runs that the interrupted ones must reproduce, per optimizer."""
+    runs = {}
+    for name in ("adamw", "sophiag", "sophiah", "lion"):
+        out_dir = tmp_path_factory.mktemp(f"full-{name}")
+        run_train(out_dir, *SIXTY, f"--optimizer_name={name}")
+        runs[name] = final_state(out_dir)
+    return runs
+
+
+def start_training(out_dir: Path, *args: str) -> subprocess.Popen:
+    argv = [sys.executable, "-u", "train.py", *TINY, f"--out_dir={out_dir}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str) -> list[str]:
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"process ended before printing {prefix!r}:\n{''.join(lines)}")
+
+
+def test_only_the_latest_keep_checkpoints_are_kept(tmp_path):
+    run_train(tmp_path, "--max_iters=12", "--eval_interval=2", "--keep_checkpoints=3")
+    assert [p.name for p in train.checkpoints(tmp_path)] == ["ckpt_00000008.pt", "ckpt_00000010.pt",
+                                                            "ckpt_00000012.pt"]
+
+
+@pytest.mark.parametrize("sig, name, stop_at", [
+    (signal.SIGTERM, "sophiag", "iter 9:"),   # the step before a Hessian refresh (at 9)
+    (signal.SIGUSR1, "sophiah", "iter 7:"),   # right after one (at 6)
+    (signal.SIGTERM, "adamw", "iter 5:"),
+    (signal.SIGUSR1, "lion", "iter 3:"),
+])
+def test_preemption_signal_checkpoints_exits_0_and_the_resumed_run_is_bitwise_the_same(
+        tmp_path, uninterrupted, sig, name, stop_at):
+    proc = start_training(tmp_path, *SIXTY, f"--optimizer_name={name}")
+    wait_for_line(proc, stop_at)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert f"received {signal.Signals(sig).name}" in out
+    stopped = load_ckpt(tmp_path)["iter_num"]
+    assert 0 < stopped < 60
+    run_train(tmp_path, *SIXTY, f"--optimizer_name={name}", "--init_from=resume")
+    assert_same_tensors(final_state(tmp_path), uninterrupted[name], name)
+
+
+def test_kill_9_at_random_moments_never_leaves_the_run_unresumable(tmp_path, uninterrupted):
+    """A checkpoint every step, and kill -9 at several moments (some land inside a write);
+    each time the latest complete checkpoint loads and the run goes on, and the final
+    result is the uninterrupted run's."""
+    args = [*SIXTY, "--optimizer_name=sophiag", "--eval_interval=1", "--eval_iters=1", "--keep_checkpoints=2"]
+    for delay in (0.0, 0.05, 0.13, 0.21, 0.34):
+        proc = start_training(tmp_path, *args, "--init_from=auto")
+        wait_for_line(proc, "iter")  # training has started: checkpoints are being written
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        if train.checkpoints(tmp_path):
+            assert train.load_latest_checkpoint(tmp_path)["iter_num"] > 0
+    run_train(tmp_path, *args, "--init_from=auto")
+    assert_same_tensors(final_state(tmp_path), uninterrupted["sophiag"])
+
+
+def test_a_checkpoint_cut_off_mid_write_is_skipped_for_the_previous_one(tmp_path, uninterrupted, capsys):
+    """What kill -9 or a full disk can leave: a truncated newest file and a stray .tmp."""
+    args = [*SIXTY, "--optimizer_name=adamw", "--eval_interval=10", "--keep_checkpoints=3"]
+    run_train(tmp_path, *args, "--max_iters=30")
+    newest = train.checkpoints(tmp_path)[-1]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    (tmp_path / "ckpt_00000031.pt.tmp").write_bytes(data[:100])
+    run_train(tmp_path, *args, "--init_from=resume")
+    assert "skipped a newer checkpoint" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
+    assert_same_tensors(final_state(tmp_path), uninterrupted["adamw"])
+
+
+def test_init_from_auto_starts_fresh_without_a_checkpoint_and_resumes_with_one(tmp_path, uninterrupted):
+    run_train(tmp_path, *SIXTY, "--optimizer_name=lion", "--max_iters=20", "--init_from=auto")
+    assert load_ckpt(tmp_path)["iter_num"] == 20
+    run_train(tmp_path, *SIXTY, "--optimizer_name=lion", "--init_from=auto")
+    assert_same_tensors(final_state(tmp_path), uninterrupted["lion"])
+
+
+@pytest.fixture
+def poison_steps(monkeypatch):
+    """Make the training loss NaN on chosen steps (counted from 0), as a bad batch or an
+    overflow would; evaluation and the Hessian estimator see the normal model."""
+    bad: set[int] = set()
+    step = {"n": 0}
+    train_step = train.train_step
+    forward = GPT.forward
+
+    def poisoned_forward(self, idx, targets=None, last_only=False):
+        logits, loss = forward(self, idx, targets, last_only)
+        if step.get("active") and loss is not None:
+            loss = loss * float("nan")
+        return logits, loss
+
+    def counting_train_step(*args, **kwargs):
+        step["active"] = step["n"] in bad
+        try:
+            return train_step(*args, **kwargs)
+        finally:
+            step["active"] = False
+            step["n"] += 1
+
+    monkeypatch.setattr(GPT, "forward", poisoned_forward)
+    monkeypatch.setattr(train, "train_step", counting_train_step)
+    return bad
+
+
+@pytest.mark.parametrize("name", ["adamw", "sophiag", "lion"])
+def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched(tmp_path, poison_steps, name):
+    """Steps 4 and 5 of 6 are NaN: the result equals a 4-step run (m, h, step counts too),
+    and the skips are logged."""
+    args = ["--lr_decay_iters=6", "--eval_interval=1000", "--decay_lr=False", f"--optimizer_name={name}"]
+    poison_steps.update({4, 5})
+    run = run_train(tmp_path / "bad", *args, "--max_iters=6")
+    poison_steps.clear()
+    run_train(tmp_path / "good", *args, "--max_iters=4")
+    bad, good = load_ckpt(tmp_path / "bad"), load_ckpt(tmp_path / "good")
+    assert bad["iter_num"] == 6
+    assert_same_tensors(bad["model"], good["model"], "model")
+    assert_same_tensors(bad["optimizer"], good["optimizer"], "optimizer")
+    assert [r["iter"] for r in run.records("skipped")] == [5, 6]
+    assert run.records("train")[-1]["skipped_steps"] == 2
+    assert "non-finite loss or gradient, step skipped" in run.stdout
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_one_line_and_a_good_checkpoint(
+        tmp_path, poison_steps, capsys):
+    poison_steps.update(range(3, 100))
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--max_iters=50", "--eval_interval=1000", "--max_bad_steps=4")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "4 consecutive steps had a non-finite loss" in err
+    ckpt = load_ckpt(tmp_path)
+    assert ckpt["iter_num"] == 7
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
