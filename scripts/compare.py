@@ -1,0 +1,522 @@
+"""Fair optimizer comparison, following the Sophia paper's methodology (Sec. 3.2).
+
+    python scripts/compare.py config/train_shakespeare_char.py --hess_batch_size=6 \\
+        --optimizers adamw,sophiag,lion --steps 2000 --lr_grid 0.5,1,2 --seeds 1,2,3 \\
+        --runs_dir out-compare --jobs 2
+
+The baseline (--baseline, default adamw) runs T = --steps steps; every other optimizer runs
+its budget, a fraction of T (`sophiag:0.5`, or the defaults: Sophia T/2, Lion and AdamW T).
+Every run has its own cosine schedule (lr_decay_iters = max_iters = its budget, min_lr at
+the configured min_lr / learning_rate ratio) and a peak-LR sweep with the same grid
+density for every optimizer: --lr_grid multiplies each optimizer's configured LR, or
+--lrs OPT=a,b,c gives explicit lists (all of the same length). The warmup is the same
+number of steps in every run: T x the baseline config's warmup_iters / max_iters (or
+--warmup_iters). Everything else comes from the config and is checked to be identical
+across optimizers (data, batch, model, clipping, evaluation); weight decay and betas are
+each optimizer's own. Seeds (--seeds) change init, data order and estimator draws.
+
+The config for optimizer OPT is --config_for OPT=FILE, else the variant <family>_OPT.py
+next to the base config (train_gpt2_small_adamw.py -> train_gpt2_small_sophiag.py,
+train_shakespeare_char.py -> train_shakespeare_char_sophiag.py) when it exists, else
+<family>.py, else the base config; --optimizer_name=OPT is always passed. Extra
+--key=value arguments go to every run, after the config file.
+
+Each run is a subprocess `python train.py CONFIG --key=value ...` (the commands are
+printed) with out_dir <runs_dir>/<opt>_T<steps>_lr<lr>_s<seed> and its console output in
+train.log there; --jobs N runs N at a time, each with --threads / N OpenMP threads. A run
+whose metrics.jsonl has an evaluation at max_iters is finished and not rerun; any other
+(unfinished, crashed, failed) is started again with --init_from=auto, which resumes from
+its latest checkpoint. A reused out_dir whose config.json differs is refused.
+
+Speed-up: the steps an optimizer needs, at its best LR (validation curve averaged over
+seeds, linear interpolation between evaluations), to reach the tuned baseline's final
+validation loss; the ratio is T / those steps ("2.0x" is the paper's claim for Sophia at T/2).
+
+Writes into runs_dir: results.md (tables), the plots of scripts/plot_compare.py, and
+results.json = {baseline, T, seeds, lr_grid, train_args, target_val_loss, groups: [one per
+optimizer and budget: {optimizer, fraction, steps, config, warmup_iters, min_lr_ratio,
+best_lr, best_at_edge, val_loss_mean, val_loss_std (final val loss at the best LR over
+seeds; null if every LR had a failed run), steps_to_target, speedup (null: not reached),
+lrs: [{lr, val_loss_mean, val_loss_std, runs: [{seed, out_dir, val_loss, state}]}],
+curve: {iters, val_loss, val_loss_min, val_loss_max}, train_stats: {iters, clip_frac,
+loss, and for Sophia win_rate, hessian_norm} (means over seeds at the best LR),
+clip_frac_overall}]}.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+import configurator  # noqa: E402
+import train  # noqa: E402
+from configurator import UserError  # noqa: E402
+from plot_compare import plot_all  # noqa: E402
+
+DEFAULT_FRACTIONS = {"adamw": 1.0, "lion": 1.0, "sophiag": 0.5, "sophiah": 0.5}
+# Keys the runner sets per run; an override of them would be silently replaced.
+RUNNER_KEYS = {"max_iters": "--steps", "lr_decay_iters": "--steps", "warmup_iters": "--warmup_iters",
+               "learning_rate": "--lr_grid or --lrs", "min_lr": "the config's min_lr/learning_rate ratio",
+               "seed": "--seeds", "out_dir": "--runs_dir", "init_from": "the runner (auto on resume)",
+               "optimizer_name": "--optimizers"}
+# Settings that must be the same for every optimizer for the comparison to be fair.
+FAIR_KEYS = ("dataset", "batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+             "dropout", "bias", "scale_attn_by_inverse_layer_idx", "grad_clip", "decay_lr", "eval_interval",
+             "eval_iters", "dtype")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One optimizer at one step budget, with its LR sweep."""
+    optimizer: str
+    fraction: float
+    steps: int
+    config: str  # config file as passed to train.py (relative to the repository when inside it)
+    lrs: tuple[float, ...]
+    min_lr_ratio: float
+    warmup_iters: int
+
+
+@dataclass(frozen=True)
+class Run:
+    group: Group
+    lr: float
+    seed: int
+    out_dir: Path
+    args: tuple[str, ...]  # train.py's arguments, config file first
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The runner's options and the --key=value overrides passed on to every run."""
+    p = argparse.ArgumentParser(usage="%(prog)s CONFIG [options] [--key=value ...]", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # else --seed=1 would silently mean --seeds
+    p.add_argument("config", help="base config file, e.g. config/train_shakespeare_char.py")
+    p.add_argument("--optimizers", default="adamw,sophiag",
+                   help="comma list of OPT or OPT:FRACTION of T (default fractions: sophia 0.5, others 1)")
+    p.add_argument("--baseline", default="adamw", help="the optimizer whose tuned T-step loss is the target")
+    p.add_argument("--steps", type=int, help="T, the baseline's steps (default: the config's max_iters)")
+    p.add_argument("--lr_grid", default="0.5,1,2", help="multipliers of each optimizer's configured learning_rate")
+    p.add_argument("--lrs", action="append", default=[], metavar="OPT=LR,LR,...",
+                   help="explicit peak LRs for one optimizer (repeatable); as many as the grid")
+    p.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
+    p.add_argument("--warmup_iters", type=int,
+                   help="warmup steps of every run (default: the config's warmup fraction of T)")
+    p.add_argument("--config_for", action="append", default=[], metavar="OPT=FILE",
+                   help="config file for one optimizer (repeatable)")
+    p.add_argument("--runs_dir", default="out-compare", help="folder of the runs, results and plots")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads shared out over the parallel runs (default: all cores)")
+    args, extra = p.parse_known_args(argv)
+    for arg in extra:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"{arg}: expected a runner option (see --help) or a train.py override --key=value")
+        key = arg[2:].split("=", 1)[0]
+        if key in RUNNER_KEYS:
+            raise UserError(f"{arg}: the runner sets {key} for every run; use {RUNNER_KEYS[key]} instead")
+    if args.jobs < 1 or args.threads < 1:
+        raise UserError("--jobs and --threads must be at least 1")
+    return args, extra
+
+
+def comma_list(text: str, kind: type, what: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what}={text!r}: expected a comma list of {kind.__name__}s") from None
+    if not values:
+        raise UserError(f"{what} is empty")
+    return values
+
+
+def key_values(items: list[str], what: str) -> dict[str, str]:
+    """OPT=VALUE pairs of a repeatable option."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in train.OPTIMIZERS:
+            raise UserError(f"{what} {item!r}: expected OPT=VALUE with OPT one of {', '.join(train.OPTIMIZERS)}")
+        pairs[key] = value
+    return pairs
+
+
+def optimizer_budgets(text: str, baseline: str) -> list[tuple[str, float]]:
+    """(optimizer, fraction of T) pairs, the baseline at T first, duplicates dropped."""
+    budgets = [(baseline, 1.0)]
+    for item in comma_list(text, str, "--optimizers"):
+        name, _, fraction = item.strip().partition(":")
+        if name not in train.OPTIMIZERS:
+            raise UserError(f"--optimizers: unknown optimizer {name!r}; choose from {', '.join(train.OPTIMIZERS)}")
+        try:
+            value = float(fraction) if fraction else DEFAULT_FRACTIONS[name] if name != baseline else 1.0
+        except ValueError:
+            value = math.nan
+        if not value > 0:
+            raise UserError(f"--optimizers: {item!r} needs a positive fraction of T")
+        if (name, value) not in budgets:
+            budgets.append((name, value))
+    return budgets
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def shown(path: Path) -> str:
+    """A path as train.py gets it: relative to the repository (the subprocess's cwd) when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def optimizer_config(base: Path, optimizer: str, explicit: dict[str, str]) -> Path:
+    """The config file for one optimizer: explicit, else the <family>_<opt>.py variant, else
+    <family>.py (so another optimizer's variant is not used for this one), else the base."""
+    if optimizer in explicit:
+        return Path(explicit[optimizer])
+    family = base.stem
+    for name in train.OPTIMIZERS:
+        family = family.removesuffix(f"_{name}")
+    for candidate in (base.with_name(f"{family}_{optimizer}.py"), base.with_name(f"{family}.py")):
+        if candidate.is_file():
+            return candidate
+    return base
+
+
+def resolve(train_args: list[str] | tuple[str, ...]) -> dict:
+    """The config train.py would run with these arguments (config paths relative to ROOT)."""
+    absolute = [a if a.startswith("--") else str(ROOT / a) for a in train_args]
+    return configurator.parse(train.DEFAULTS, absolute)
+
+
+def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], list[Run]]:
+    """Every group (optimizer x budget) and run (x LR x seed), checked before anything starts."""
+    base = Path(args.config)
+    if not base.is_file():
+        raise UserError(f"config file {args.config} not found")
+    explicit_configs = key_values(args.config_for, "--config_for")
+    explicit_lrs = {k: comma_list(v, float, f"--lrs {k}") for k, v in key_values(args.lrs, "--lrs").items()}
+    grid = comma_list(args.lr_grid, float, "--lr_grid")
+    seeds = comma_list(args.seeds, int, "--seeds")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds={args.seeds}: a seed is listed twice")
+    budgets = optimizer_budgets(args.optimizers, args.baseline)
+    lengths = {len(v) for v in explicit_lrs.values()}
+    if any(name not in explicit_lrs for name, _ in budgets):
+        lengths.add(len(grid))
+    if len(lengths) > 1:
+        raise UserError(f"every optimizer needs the same number of LRs (grid density); got {sorted(lengths)} "
+                        f"from --lr_grid and --lrs")
+
+    configs = {name: shown(optimizer_config(base, name, explicit_configs)) for name, _ in budgets}
+    resolved = {name: resolve([configs[name], *overrides, f"--optimizer_name={name}"]) for name in configs}
+    for name, cfg in resolved.items():
+        train.validate(train.Config(cfg), 1)
+        if not cfg["learning_rate"] > 0 or cfg["max_iters"] <= 0:
+            raise UserError(f"{configs[name]}: learning_rate and max_iters must be positive to scale the sweep")
+        unfair = [k for k in FAIR_KEYS if cfg[k] != resolved[args.baseline][k]]
+        if unfair:
+            k = unfair[0]
+            raise UserError(f"{configs[name]} sets {k}={cfg[k]!r} but the baseline's config has "
+                            f"{resolved[args.baseline][k]!r}; the comparison needs the same {', '.join(unfair)} "
+                            f"for every optimizer: pass --{k}=... to set it for all")
+    baseline_cfg = resolved[args.baseline]
+    T = args.steps if args.steps is not None else baseline_cfg["max_iters"]
+    if T < 1:
+        raise UserError("--steps must be at least 1")
+    # The same warmup in steps for every run, as in the paper (2K steps for 100K-400K runs):
+    # the baseline config's warmup fraction of T.
+    warmup = args.warmup_iters
+    if warmup is None:
+        warmup = round(T * baseline_cfg["warmup_iters"] / baseline_cfg["max_iters"])
+
+    groups, runs = [], []
+    for name, fraction in budgets:
+        cfg = resolved[name]
+        lrs = tuple(explicit_lrs.get(name) or [m * cfg["learning_rate"] for m in grid])
+        if len(set(lrs)) != len(lrs) or min(lrs) <= 0:
+            raise UserError(f"{name}: the LRs {', '.join(map(str, lrs))} must be positive and distinct")
+        group = Group(name, fraction, max(1, round(fraction * T)), configs[name], lrs,
+                      cfg["min_lr"] / cfg["learning_rate"], warmup)
+        groups.append(group)
+        runs += [make_run(group, lr, seed, Path(args.runs_dir), overrides) for lr in lrs for seed in seeds]
+    return groups, runs
+
+
+def make_run(group: Group, lr: float, seed: int, runs_dir: Path, overrides: list[str]) -> Run:
+    out_dir = runs_dir / f"{group.optimizer}_T{group.steps}_lr{lr:.4g}_s{seed}"
+    args = (group.config, *overrides, f"--optimizer_name={group.optimizer}", f"--max_iters={group.steps}",
+            f"--lr_decay_iters={group.steps}", f"--warmup_iters={group.warmup_iters}", f"--learning_rate={lr!r}",
+            f"--min_lr={lr * group.min_lr_ratio!r}", f"--seed={seed}", f"--out_dir={shown(out_dir)}")
+    return Run(group, lr, seed, out_dir, args)
+
+
+# ----------------------------------------------------------------------------- running
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(eval records, train records) of a metrics.jsonl, by iter. A resumed run appends the
+    steps after its checkpoint again: the later record of an iter wins."""
+    evals: dict[int, dict] = {}
+    trains: dict[int, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            target = {"eval": evals, "train": trains}.get(record.get("kind"))
+            if target is not None:
+                target[record["iter"]] = record
+    return [evals[i] for i in sorted(evals)], [trains[i] for i in sorted(trains)]
+
+
+def is_finished(run: Run) -> bool:
+    evals, _ = read_metrics(run.out_dir / "metrics.jsonl")
+    return any(e["iter"] == run.group.steps for e in evals)
+
+
+def check_reused(run: Run) -> None:
+    """Refuse to count or resume a run in out_dir that was started with other settings."""
+    saved_path = run.out_dir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    wanted = json.loads(json.dumps(resolve(run.args)))
+    changed = [k for k in wanted if k in saved and k != "init_from" and saved[k] != wanted[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{run.out_dir} holds a run with {k}={saved[k]!r}, not {wanted[k]!r}; use a new "
+                        f"--runs_dir or delete that folder")
+
+
+def command(run: Run, threads: int, resume: bool) -> tuple[list[str], dict[str, str]]:
+    args = [sys.executable, "train.py", *run.args] + (["--init_from=auto"] if resume else [])
+    # Torch sizes its intra-op pool from OMP_NUM_THREADS: parallel runs must not oversubscribe.
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return args, env
+
+
+def execute(runs: list[Run], jobs: int, threads: int) -> dict[Run, str]:
+    """Run what is not finished (`jobs` at a time); returns each run's state: 'done'
+    (finished before), 'ok', or 'failed (exit N)'."""
+    states: dict[Run, str] = {}
+    todo = []
+    for run in runs:
+        check_reused(run)
+        if is_finished(run):
+            states[run] = "done"
+            print(f"finished, not rerun: {shown(run.out_dir)}")
+        else:
+            todo.append(run)
+    if not todo:
+        return states
+    print(f"{len(todo)} run(s) to do, {jobs} at a time, commands run in {ROOT}:")
+    lock = threading.Lock()
+    per_job = max(1, threads // jobs)
+
+    def one(run: Run) -> None:
+        resume = (run.out_dir / "metrics.jsonl").exists()
+        argv, env = command(run, per_job, resume)
+        line = " ".join(f"{k}={v}" for k, v in env.items()) + " python " + shlex.join(argv[1:])
+        with lock:
+            print(("$ (resume) " if resume else "$ ") + line, flush=True)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(run.out_dir / "train.log", "a") as log:
+            # check=False: a failed run is reported and the others go on.
+            code = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log,
+                                  stderr=subprocess.STDOUT, check=False).returncode
+        states[run] = "ok" if code == 0 and is_finished(run) else f"failed (exit {code})"
+        with lock:
+            print(f"  {shown(run.out_dir)}: {states[run]} in {time.perf_counter() - t0:.1f}s"
+                  + ("" if states[run] == "ok" else f", see {shown(run.out_dir / 'train.log')}"), flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, todo))  # list() re-raises a worker's exception
+    return states
+
+
+# ----------------------------------------------------------------------------- results
+
+def steps_to_reach(iters: list[float], losses: list[float], target: float) -> float | None:
+    """The first step at which the piecewise-linear loss curve through (iters, losses)
+    falls to `target`; None if it never does."""
+    for i, (x, y) in enumerate(zip(iters, losses)):
+        if y <= target:
+            if i == 0:
+                return float(x)
+            x0, y0 = iters[i - 1], losses[i - 1]
+            return x0 + (y0 - target) / (y0 - y) * (x - x0)
+    return None
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for one value); None if any run failed."""
+    if not values or not all(math.isfinite(v) for v in values):
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def final_val_loss(run: Run) -> float:
+    evals, _ = read_metrics(run.out_dir / "metrics.jsonl")
+    last = [e["val_loss"] for e in evals if e["iter"] == run.group.steps]
+    return float(last[0]) if last else math.nan
+
+
+def seed_mean_series(series: list[list[dict]], keys: tuple[str, ...]) -> dict[str, list[float]]:
+    """Records of several seeds averaged per iter (iters all seeds have), per key present."""
+    common = set.intersection(*({r["iter"] for r in records} for records in series))
+    iters = sorted(common)
+    out: dict[str, list[float]] = {"iters": iters}
+    by_iter = [{r["iter"]: r for r in records} for records in series]
+    for key in keys:
+        if all(key in s[i] for s in by_iter for i in iters) and iters:
+            out[key] = [statistics.fmean(s[i][key] for s in by_iter) for i in iters]
+    return out
+
+
+def curves(runs: list[Run]) -> dict:
+    """Validation curve (mean, min, max over seeds) and training statistics of some runs."""
+    metrics = [read_metrics(r.out_dir / "metrics.jsonl") for r in runs]
+    val = seed_mean_series([m[0] for m in metrics], ("val_loss",))
+    per_iter = [{e["iter"]: e["val_loss"] for e in m[0]} for m in metrics]
+    val["val_loss_min"] = [min(p[i] for p in per_iter) for i in val["iters"]]
+    val["val_loss_max"] = [max(p[i] for p in per_iter) for i in val["iters"]]
+    stats = seed_mean_series([m[1] for m in metrics], ("clip_frac", "win_rate", "hessian_norm", "loss"))
+    return {"curve": val, "train_stats": stats, "clip_frac_overall": overall_clip_fraction(stats)}
+
+
+def overall_clip_fraction(stats: dict) -> float | None:
+    """Fraction of all steps with gradient clipping: each record covers the steps since the previous one."""
+    if "clip_frac" not in stats or not stats["iters"]:
+        return None
+    spans = [b - a for a, b in zip([0] + stats["iters"][:-1], stats["iters"])]
+    return sum(s * f for s, f in zip(spans, stats["clip_frac"])) / sum(spans)
+
+
+def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args: argparse.Namespace,
+              overrides: list[str]) -> dict:
+    """results.json's content: per group every LR's losses, the best LR, its curves and the speed-up."""
+    runs_dir = Path(args.runs_dir)
+    out_groups = []
+    for group in groups:
+        lr_rows, best = [], None
+        for lr in group.lrs:
+            mine = [r for r in runs if r.group == group and r.lr == lr]
+            losses = [final_val_loss(r) for r in mine]
+            mean, std = mean_std(losses)
+            lr_rows.append({"lr": lr, "val_loss_mean": mean, "val_loss_std": std,
+                            "runs": [{"seed": r.seed, "out_dir": str(r.out_dir.relative_to(runs_dir)),
+                                      "val_loss": v if math.isfinite(v) else None, "state": states.get(r, "not run")}
+                                     for r, v in zip(mine, losses)]})
+            if mean is not None and (best is None or mean < best[1]):
+                best = (lr, mean, std, mine)
+        row = {"optimizer": group.optimizer, "fraction": group.fraction, "steps": group.steps,
+               "config": group.config, "warmup_iters": group.warmup_iters, "min_lr_ratio": group.min_lr_ratio,
+               "best_lr": None, "best_at_edge": False, "val_loss_mean": None, "val_loss_std": None,
+               "lrs": lr_rows}
+        if best is not None:
+            lr, mean, std, best_runs = best
+            row.update(best_lr=lr, val_loss_mean=mean, val_loss_std=std,
+                       best_at_edge=len(group.lrs) > 1 and lr in (min(group.lrs), max(group.lrs)), **curves(best_runs))
+        out_groups.append(row)
+
+    baseline = out_groups[0]
+    target = baseline["val_loss_mean"]
+    for row in out_groups:
+        steps = None
+        if target is not None and row["best_lr"] is not None:
+            steps = steps_to_reach(row["curve"]["iters"], row["curve"]["val_loss"], target)
+        row["steps_to_target"] = steps
+        row["speedup"] = baseline["steps"] / steps if steps else None
+    return {"baseline": baseline["optimizer"], "T": baseline["steps"], "seeds": comma_list(args.seeds, int, "--seeds"),
+            "lr_grid": comma_list(args.lr_grid, float, "--lr_grid"), "train_args": [args.config, *overrides],
+            "target_val_loss": target, "groups": out_groups}
+
+
+def fmt_loss(mean: float | None, std: float | None) -> str:
+    return "failed" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def fmt_speedup(row: dict) -> tuple[str, str]:
+    """(steps to target, speed-up) cells."""
+    if row["best_lr"] is None:
+        return "—", "—"
+    if row["steps_to_target"] is None:
+        return "not reached", "not reached"
+    speedup = "—" if row["speedup"] is None else f"{row['speedup']:.2f}x"  # None: reached at step 0
+    return f"{row['steps_to_target']:.1f}", speedup
+
+
+def markdown(results: dict, plots: list[Path]) -> str:
+    """results.md: the summary table, every LR's losses and the plots."""
+    seeds = ", ".join(map(str, results["seeds"]))
+    target = "—" if results["target_val_loss"] is None else f"{results['target_val_loss']:.4f}"
+    lines = [
+        "# Optimizer comparison", "",
+        f"Baseline **{results['baseline']}** at T = {results['T']} steps; seeds {seeds}; "
+        + f"train.py {shlex.join(results['train_args'])}.",
+        f"Target: the tuned baseline's final validation loss, {target} (mean over {len(results['seeds'])} seed(s)).",
+        "",
+        "| optimizer | steps | best LR | final val loss (mean ± std) | steps to target | speed-up |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for row in results["groups"]:
+        edge = " *" if row.get("best_at_edge") else ""
+        best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}{edge}"
+        steps_cell, speed_cell = fmt_speedup(row)
+        loss = fmt_loss(row["val_loss_mean"], row["val_loss_std"])
+        lines.append(f"| {row['optimizer']} | {row['steps']} | {best} | {loss} | {steps_cell} | {speed_cell} |")
+    lines += [
+        "",
+        ("Speed-up = T / the steps the optimizer needs, at its best LR, to reach the target (validation curve "
+         "averaged over seeds, linear between evaluations); 2.00x is the paper's claim for Sophia at T/2. "
+         "Std is the sample standard deviation over seeds. * = best LR at the edge of the grid: extend the grid."),
+        "", "## Every learning rate", "",
+        "| optimizer | steps | LR | final val loss (mean ± std) | per seed |", "|---|---:|---:|---|---|",
+    ]
+    for row in results["groups"]:
+        for lr_row in row["lrs"]:
+            seeds = ", ".join(f"s{r['seed']}: " + ("—" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
+                              + ("" if r["state"] in ("ok", "done") else f" ({r['state']})") for r in lr_row["runs"])
+            lines.append(f"| {row['optimizer']} | {row['steps']} | {lr_row['lr']:.3g} | "
+                         f"{fmt_loss(lr_row['val_loss_mean'], lr_row['val_loss_std'])} | {seeds} |")
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+@configurator.exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    """Run (or resume) the comparison, write results.json, results.md and the plots; returns the results."""
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    groups, runs = plan(args, overrides)
+    for g in groups:
+        print(f"{g.optimizer} x {g.fraction:g}T = {g.steps} steps, warmup {g.warmup_iters}, {g.config}, "
+              f"LRs {', '.join(f'{lr:.3g}' for lr in g.lrs)}")
+    dataset = resolve([groups[0].config, *overrides])["dataset"]
+    train.prepare_dataset(ROOT / "data" / dataset, True)  # once, not racing in parallel runs
+    states = execute(runs, args.jobs, args.threads)
+    runs_dir = Path(args.runs_dir)
+    results = summarize(groups, runs, states, args, overrides)
+    plots = plot_all(results, runs_dir)
+    (runs_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (runs_dir / "results.md").write_text(markdown(results, plots))
+    print((runs_dir / "results.md").read_text().split("\n## Every")[0])
+    print(f"wrote {shown(runs_dir / 'results.md')}, {shown(runs_dir / 'results.json')} and {len(plots)} plots")
+    return results
+
+
+if __name__ == "__main__":
+    main()
