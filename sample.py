@@ -15,8 +15,9 @@ import torch
 
 import configurator
 from configurator import UserError
-from model import GPT, GPTConfig
-from tokenizer import gpt2_encoding, load_tokenizer, read_meta
+from model import GPT
+from tokenizer import gpt2_encoding, load_tokenizer
+from train import load_trained_model, pick_device, pick_dtype
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir) or 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
 out_dir = "out-shakespeare-char"  # the training run to sample from
@@ -40,18 +41,7 @@ def load_model(cfg: dict) -> tuple[GPT, Callable[[str], list[int]], Callable[[li
             raise UserError(f"init_from={cfg['init_from']!r}: cannot load GPT-2 weights ({e})") from e
         enc = gpt2_encoding()
         return model, lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode
-    path = Path(cfg["out_dir"]) / "ckpt.pt"
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}; train first (python train.py config/train_shakespeare_char.py) "
-                        f"or pass --out_dir of a finished run")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
-    data_dir = Path(__file__).resolve().parent / "data" / checkpoint["config"]["dataset"]
-    try:
-        meta = read_meta(data_dir)
-    except FileNotFoundError:
-        meta = {"tokenizer": "gpt2"}  # datasets without meta.json are GPT-2 BPE (e.g. openwebtext)
+    model, meta = load_trained_model(cfg["out_dir"])
     encode, decode = load_tokenizer(meta)
     return model, encode, decode
 
@@ -60,7 +50,6 @@ def load_model(cfg: dict) -> tuple[GPT, Callable[[str], list[int]], Callable[[li
 def main(argv: list[str] | None = None) -> list[str]:
     """Print and return the samples."""
     cfg = configurator.parse(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__)
-    from train import pick_device, pick_dtype
     dev = pick_device(cfg["device"])
     device_type = "cuda" if dev.startswith("cuda") else dev
     dtype_name = pick_dtype(cfg["dtype"], device_type)

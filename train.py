@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 from configurator import UserError
 from model import GPT, GPTConfig
-from sophia import SophiaG, SophiaH, gnb_hessian, hutchinson_hessian, set_grad_sync
+from tokenizer import read_meta
+from sophia import Sophia, SophiaG, SophiaH, gnb_hessian, hutchinson_hessian, set_grad_sync
 
 # ----------------------------------------------------------------------------- defaults
 # GPT-2 small (124M) on OpenWebText with AdamW, batch 480 x 1024 tokens (paper Table 2).
@@ -79,6 +81,7 @@ min_lr = 3e-5  # final learning rate (paper: 0.05 x peak)
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16; float32 on CPU), or explicit
 compile = True  # torch.compile the model
+fsdp = False  # shard parameters, gradients and optimizer state over ranks (FSDP2) instead of DDP
 seed = 1337  # seeds model init, data order and the estimator's random draws
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: globals()[k] for k in configurator.config_keys(dict(globals()))}
@@ -114,6 +117,10 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                         f"the world size {world_size}; make it a multiple of {world_size}")
+    if cfg.fsdp and cfg.optimizer_name == "sophiah":
+        raise UserError("fsdp=True does not work with optimizer_name='sophiah': Hutchinson's Hessian-vector product "
+                        "differentiates twice with respect to the parameters, which FSDP2 replaces by gathered copies "
+                        "during the forward; use --optimizer_name=sophiag, or DDP (--fsdp=False)")
     if cfg.optimizer_name.startswith("sophia"):
         local_accum = cfg.gradient_accumulation_steps // world_size
         if cfg.hess_batch_size <= 0 or cfg.hess_batch_size % world_size:
@@ -226,13 +233,6 @@ def check_token_file(path: Path, vocab_size: int, block_size: int) -> None:
                         f"the data was tokenized for another vocabulary: rerun its prepare.py")
 
 
-def read_meta(data_dir: Path) -> dict:
-    path = data_dir / "meta.json"
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())
-
-
 # ----------------------------------------------------------------------------- optimizers
 
 def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Optimizer:
@@ -286,6 +286,60 @@ class HessianEstimator:
         self.seconds += time.perf_counter() - t0
 
 
+# ----------------------------------------------------------------------------- FSDP2
+
+def shard_model(model: GPT, device_type: str, world_size: int) -> None:
+    """FSDP2, in place: each transformer block is one unit and the root holds the rest. The
+    tied wte/lm_head weight is one tensor, so it belongs to the root's unit (with wpe and
+    ln_f). The parameters become DTensor shards over a 1-D mesh of all ranks; build the
+    optimizer afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device_type, (world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each of the optimizer's parameters, in the order of the integer ids of
+    optimizer.state_dict() (a tied tensor goes by its first name, as in
+    torch.distributed.checkpoint)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The full (unsharded) model and optimizer state dicts of an FSDP2 model on the CPU,
+    in the format of model.state_dict() and optimizer.state_dict(), so a sharded run writes
+    the same checkpoint as an unsharded one. A collective: every rank calls it; ranks other
+    than 0 get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not optim_sd:
+        return model_sd, optim_sd
+    ids = {name: i for i, name in enumerate(_param_names(model, optimizer))}  # names -> state_dict()'s ids
+    return model_sd, {"state": {ids[name]: state for name, state in optim_sd["state"].items()},
+                      "param_groups": [{**g, "params": [ids[name] for name in g["params"]]}
+                                       for g in optim_sd["param_groups"]]}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
+    """Load an unsharded optimizer.state_dict() (any run's checkpoint) into the optimizer of
+    an FSDP2 model: rank 0's copy is broadcast and each rank keeps its shards. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = _param_names(model, optimizer)
+    by_name = {"state": {names[i]: state for i, state in optim_sd["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_sd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if isinstance(optimizer, Sophia):
+        # set_optimizer_state_dict creates the state with one zero-lr step first; forget its
+        # win-rate counts (stats() is a collective here too: every rank calls it).
+        optimizer.stats(reset=True)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def checkpoints(out_dir: Path) -> list[Path]:
@@ -322,7 +376,7 @@ def read_checkpoint(path: Path, device: str = "cpu") -> dict:
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not "
                         f"a checkpoint of this project") from e
-    required = ("model", "optimizer", "scaler", "model_args", "iter_num", "best_val_loss", "config")
+    required = ("model", "optimizer", "scaler", "model_args", "iter_num", "tokens", "best_val_loss", "config", "meta")
     lacking = [k for k in required if k not in checkpoint] if isinstance(checkpoint, dict) else list(required)
     if lacking:
         raise UserError(f"{path} is not a checkpoint of this project (no {', '.join(lacking)}); "
@@ -335,8 +389,8 @@ def load_latest_checkpoint(out_dir: Path, device: str = "cpu") -> dict:
     the end of a file) is reported and skipped."""
     paths = checkpoints(out_dir)
     if not paths:
-        raise UserError(f"init_from='resume' but {out_dir} holds no checkpoint (ckpt_*.pt); train from scratch "
-                        f"first or point --out_dir at the run to resume")
+        raise UserError(f"{out_dir} holds no checkpoint (ckpt_*.pt); train first, or point --out_dir at a run "
+                        f"that has saved one")
     damaged = []
     for path in reversed(paths):
         try:
@@ -348,6 +402,15 @@ def load_latest_checkpoint(out_dir: Path, device: str = "cpu") -> dict:
             print(f"warning: skipped a newer checkpoint: {e}", file=sys.stderr)
         return checkpoint
     raise damaged[0]
+
+
+def load_trained_model(out_dir: str | Path) -> tuple[GPT, dict]:
+    """The model of out_dir's latest checkpoint (eval mode, CPU) and the meta of its dataset
+    (the tokenizer); for sample.py and the scripts."""
+    checkpoint = load_latest_checkpoint(Path(out_dir))
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint["meta"]
 
 
 def rng_state(batches: Batches, estimator: HessianEstimator | None) -> dict:
@@ -396,22 +459,30 @@ def get_lr(cfg: Config, it: int) -> float:
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast, device: str,
                   rank: int, world_size: int) -> dict[str, float]:
-    """Mean loss over eval_iters global batches per split, shared out over ranks. The
-    batches come from a fixed seed, so every evaluation of every run (on any number of
-    GPUs) scores the same windows."""
+    """Mean loss over eval_iters batches of batch_size windows per split. The windows come
+    from a fixed seed, so every evaluation of every run, on any number of ranks, scores the
+    same windows: rank r scores batches r, r + world_size, ..., and the per-batch losses
+    are summed over ranks (each slot is filled by one rank, the others add 0). Every rank
+    runs the same number of forwards (FSDP2 all-gathers in each), the last ones scoring a
+    batch again with weight 0 when eval_iters is not a multiple of the world size."""
     out = {}
     model.eval()
     for split in ("train", "val"):
         batches = Batches(data_dir / f"{split}.bin", cfg.block_size, cfg.batch_size, cfg.seed + 1000, device)
+        ix = torch.randint(batches.n_tokens - cfg.block_size, (cfg.eval_iters, cfg.batch_size),
+                           generator=batches.generator)
+        data = np.memmap(batches.path, dtype=np.uint16, mode="r")
         losses = torch.zeros(cfg.eval_iters, device=device)
-        for k, (x, y) in enumerate(batches.step(cfg.eval_iters, rank, world_size)):
+        rounds = -(-cfg.eval_iters // world_size)
+        for k in range(rank, rounds * world_size, world_size):
+            x, y = batches._load(data, ix[k % cfg.eval_iters].tolist())
             with autocast:
                 _, loss = model(x, y)
-            losses[k] = loss
-        mean = losses.mean()
+            if k < cfg.eval_iters:
+                losses[k] = loss
         if dist.is_initialized():
-            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
-        out[split] = mean.item()
+            dist.all_reduce(losses)
+        out[split] = losses.mean().item()
     model.train()
     return out
 
@@ -436,6 +507,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if isinstance(norm, DTensor):  # FSDP2: the norm of the sharded gradient, reduced over ranks
+        norm = norm.full_tensor()
     applied = bool(torch.isfinite(norm) & torch.isfinite(total))
     if applied:
         scaler.step(optimizer)
@@ -497,7 +570,10 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         raise UserError(f"dataset {cfg.dataset!r} not found: no folder {data_dir}; "
                         f"choose one of {', '.join(sorted(p.name for p in data_dir.parent.iterdir() if p.is_dir()))}")
     prepare_dataset(data_dir, master)
-    meta = read_meta(data_dir)
+    try:
+        meta = read_meta(data_dir)  # the tokenizer, saved in checkpoints for sample.py and the scripts
+    except FileNotFoundError:
+        meta = {"tokenizer": "gpt2", "vocab_size": 50257}  # a dataset prepared without meta.json
 
     # model
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
@@ -534,22 +610,30 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
     for split in ("train", "val"):
         check_token_file(data_dir / f"{split}.bin", model.config.vocab_size, cfg.block_size)
     model.to(dev)
+    sharded = cfg.fsdp and ddp
+    if sharded:
+        shard_model(model, device_type, world_size)  # before the optimizer: it holds the shards
+    elif cfg.fsdp and master:
+        print("fsdp=True in a single process: nothing to shard, training unsharded")
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == "float16"))
     optimizer = build_optimizer(cfg, model, device_type)
-    iter_num, best_val_loss = 0, float("inf")
+    iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
     if checkpoint is not None:
         if checkpoint["config"]["optimizer_name"] != cfg.optimizer_name:
             raise UserError(f"checkpoint in {out_dir} was trained with {checkpoint['config']['optimizer_name']}, "
                             f"not {cfg.optimizer_name}; resume with the same optimizer_name or use a new --out_dir")
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if sharded:  # the weights were loaded above, before sharding
+            load_full_optimizer_state(model, optimizer, checkpoint["optimizer"])
+        else:
+            optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        iter_num, best_val_loss, tokens_seen = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["tokens"]
 
     eager_model = model
     if cfg.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not sharded:
         model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
 
     batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, cfg.seed, dev)
@@ -591,12 +675,17 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
             dist.all_gather_object(rngs, mine)
         else:
             rngs = [mine]
-        return {"model": eager_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
-                "best_val_loss": best_val_loss, "config": dict(cfg), "rng": rngs, "world_size": world_size}
+        if sharded:  # gathered: the same format as an unsharded run's
+            model_sd, optim_sd = full_state_dicts(eager_model, optimizer)
+        else:
+            model_sd, optim_sd = eager_model.state_dict(), optimizer.state_dict()
+        return {"model": model_sd, "optimizer": optim_sd,
+                "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num, "tokens": tokens_seen,
+                "best_val_loss": best_val_loss, "config": dict(cfg), "rng": rngs, "world_size": world_size,
+                "meta": meta}
 
     def save() -> None:
-        state = checkpoint_state()  # a collective under DDP: every rank takes part
+        state = checkpoint_state()  # a collective under DDP and FSDP2: every rank takes part
         if master:
             save_checkpoint(out_dir, state, cfg.keep_checkpoints)
 
@@ -614,7 +703,8 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         while True:
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
                 losses = estimate_loss(model, cfg, data_dir, autocast, dev, rank, world_size)
-                last_eval = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+                last_eval = {"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
+                             "val_loss": losses["val"]}
                 if master:
                     print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log({"kind": "eval", **last_eval})
@@ -634,6 +724,7 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
                 estimator(step_batches)
             loss, norm, applied = train_step(model, optimizer, scaler, step_batches, autocast, cfg.grad_clip)
             iter_num += 1
+            tokens_seen += tokens_per_iter
             steps_since_log += 1
             if applied:
                 bad_in_a_row = 0
@@ -658,7 +749,7 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 lossf = loss_sum.item() / max(1, applied_since_log)  # the loop's regular sync point
                 dt = (time.perf_counter() - t_log) / steps_since_log
-                record = {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
+                record = {"kind": "train", "iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
                           "tokens_per_s": tokens_per_iter / dt, "grad_norm": norm.item(),
                           "clip_frac": clip_count.item() / max(1, applied_since_log),
                           "skipped_steps": skipped_total}

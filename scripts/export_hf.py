@@ -42,7 +42,7 @@ import configurator
 import train
 from configurator import UserError
 from model import GPT, GPTConfig
-from tokenizer import GPT2_DIR, read_meta
+from tokenizer import GPT2_DIR
 
 if TYPE_CHECKING:  # transformers is imported where used: eval_downstream.py needs load_run only
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
@@ -63,33 +63,10 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "t
                 "added_tokens.json", CHAR_VOCAB_FILE)
 
 
-def load_checkpoint(out_dir: str | Path) -> dict:
-    """The latest checkpoint of the training run in out_dir. The one place the scripts
-    find checkpoints; train.py owns the file names."""
-    path = Path(out_dir)
-    if not path.is_dir() or not train.checkpoints(path):
-        raise UserError(f"no checkpoint in {path}; train first (python train.py config/...) or pass "
-                        f"--out_dir of a run that has saved one")
-    return train.load_latest_checkpoint(path)
-
-
 def load_run(out_dir: str | Path) -> tuple[GPT, dict]:
-    """The model of out_dir's latest checkpoint (eval mode, CPU) and the meta.json of its
-    dataset, which names the tokenizer ({"tokenizer": "gpt2"} for datasets without one)."""
-    checkpoint = load_checkpoint(out_dir)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    dataset = checkpoint["config"]["dataset"]
-    try:
-        meta = read_meta(Path(__file__).resolve().parents[1] / "data" / dataset)
-    except FileNotFoundError:
-        if model.config.vocab_size < GPT2_VOCAB_SIZE:
-            raise UserError(f"data/{dataset}/meta.json not found, and the model's vocabulary "
-                            f"({model.config.vocab_size}) is not GPT-2's; run data/{dataset}/prepare.py "
-                            f"to recreate it") from None
-        meta = {"tokenizer": "gpt2"}  # e.g. openwebtext, whose prepare.py writes no meta.json
-    return model, meta
+    """The model of out_dir's latest checkpoint (eval mode, CPU) and its dataset's meta (the
+    tokenizer), as saved in the checkpoint."""
+    return train.load_trained_model(out_dir)
 
 
 def hf_config(config: GPTConfig, vocab_size: int, bpe: bool) -> "GPT2Config":

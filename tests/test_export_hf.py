@@ -148,7 +148,7 @@ def expect_one_line_error(capsys, argv: list[str], fragment: str) -> None:
 
 def test_missing_checkpoint_is_one_error_line(capsys, tmp_path):
     expect_one_line_error(capsys, [f"--out_dir={tmp_path / 'never-trained'}", f"--hf_dir={tmp_path / 'hf'}"],
-                          "no checkpoint in")
+                          "holds no checkpoint")
     assert not (tmp_path / "hf").exists()
 
 

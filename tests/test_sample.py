@@ -17,12 +17,6 @@ import train
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
         "--eval_interval=4", "--eval_iters=1", "--gradient_accumulation_steps=1", "--device=cpu",
         "--compile=False", "--learning_rate=1e-2", "--warmup_iters=0"]
-# sample.py still loads out_dir/ckpt.pt, while train.py writes ckpt_<step>.pt since commit
-# 1ab64e3: sample.py finds no checkpoint of a fresh run. strict=True: once sample.py is fixed
-# these pass, which fails the suite until the marker is removed.
-SAMPLE_PY_FINDS_NO_CHECKPOINT = pytest.mark.xfail(
-    strict=True, reason="sample.py reads out_dir/ckpt.pt; train.py writes ckpt_<step>.pt")
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -64,7 +58,6 @@ def greedy(out_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return decode(model.eval().generate(x, max_new_tokens, temperature=0.0)[0].tolist())
 
 
-@SAMPLE_PY_FINDS_NO_CHECKPOINT
 def test_start_prompt_num_samples_and_max_new_tokens(char_run):
     samples, stdout = run_sample(char_run, "--start=ROMEO:", "--num_samples=3", "--max_new_tokens=20")
     assert len(samples) == 3
@@ -73,7 +66,6 @@ def test_start_prompt_num_samples_and_max_new_tokens(char_run):
         assert s in stdout
 
 
-@SAMPLE_PY_FINDS_NO_CHECKPOINT
 def test_prompt_from_file(char_run, tmp_path):
     prompt = "JULIET:\nO Romeo, Romeo!\n"
     (tmp_path / "prompt.txt").write_text(prompt)
@@ -83,7 +75,6 @@ def test_prompt_from_file(char_run, tmp_path):
     assert all(s.startswith(prompt) for s in samples)
 
 
-@SAMPLE_PY_FINDS_NO_CHECKPOINT
 def test_temperature_zero_is_greedy_and_deterministic(char_run):
     args = ["--start=ROMEO:", "--num_samples=2", "--max_new_tokens=15", "--temperature=0"]
     first, _ = run_sample(char_run, *args)
@@ -91,13 +82,11 @@ def test_temperature_zero_is_greedy_and_deterministic(char_run):
     assert first == again == [greedy(char_run, "ROMEO:", 15)] * 2
 
 
-@SAMPLE_PY_FINDS_NO_CHECKPOINT
 def test_sampling_is_reproducible_with_the_seed(char_run):
     args = ["--start=ROMEO:", "--num_samples=2", "--max_new_tokens=15", "--temperature=1.0"]
     assert run_sample(char_run, *args)[0] == run_sample(char_run, *args)[0]
 
 
-@SAMPLE_PY_FINDS_NO_CHECKPOINT
 def test_bpe_checkpoint_samples_with_the_gpt2_tokenizer(bpe_run):
     prompt = "To be, or not to be"
     samples, _ = run_sample(bpe_run, f"--start={prompt}", "--num_samples=2", "--max_new_tokens=5",
@@ -118,7 +107,6 @@ def expect_one_line_error(capsys, out_dir: Path, args: list[str], *fragments: st
         assert fragment in err, err
 
 
-@SAMPLE_PY_FINDS_NO_CHECKPOINT
 def test_characters_outside_the_vocabulary_are_one_error_line(capsys, char_run):
     expect_one_line_error(capsys, char_run, ["--start=Caf\u00e9 \u2603"], "\u00e9", "\u2603", "--start")
 
@@ -127,6 +115,5 @@ def test_missing_checkpoint_is_one_error_line(capsys, tmp_path):
     expect_one_line_error(capsys, tmp_path / "never-trained", ["--start=ROMEO:"], "never-trained")
 
 
-@SAMPLE_PY_FINDS_NO_CHECKPOINT
 def test_missing_prompt_file_is_one_error_line(capsys, char_run, tmp_path):
     expect_one_line_error(capsys, char_run, [f"--start=FILE:{tmp_path / 'nope.txt'}"], "nope.txt")

@@ -39,9 +39,9 @@ TINY = [
 # Two micro-steps per step exercise gradient accumulation; hess_interval=3 puts the Hessian
 # estimates off the checkpoint boundary.
 TWENTY_STEPS = ["--max_iters=20", "--eval_interval=10", "--lr_decay_iters=20", "--gradient_accumulation_steps=2"]
-TRAIN_FIELDS = {"kind", "iter", "loss", "lr", "time_ms", "tokens_per_s", "grad_norm", "clip_frac"}
+TRAIN_FIELDS = {"kind", "iter", "tokens", "loss", "lr", "time_ms", "tokens_per_s", "grad_norm", "clip_frac"}
 SOPHIA_FIELDS = {"win_rate", "hessian_norm", "estimator_ms"}
-EVAL_FIELDS = {"kind", "iter", "train_loss", "val_loss"}
+EVAL_FIELDS = {"kind", "iter", "tokens", "train_loss", "val_loss"}
 CHECKPOINT_KEYS = {"model", "optimizer", "scaler", "model_args", "iter_num", "best_val_loss", "config", "rng",
                    "world_size"}
 
@@ -142,7 +142,7 @@ def test_every_optimizer_lowers_the_loss(twenty_step_run):
     assert [e["iter"] for e in evals] == [0, 10, 20]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, (name, evals)
     assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 0.5, (name, evals)
-    assert run.result == {k: evals[-1][k] for k in ("iter", "train_loss", "val_loss")}
+    assert run.result == {k: evals[-1][k] for k in ("iter", "tokens", "train_loss", "val_loss")}
 
 
 # ----------------------------------------------------------------------------- what a run writes
@@ -161,6 +161,7 @@ def test_metrics_jsonl_holds_train_and_eval_records_with_documented_fields(twent
         assert r["lr"] == pytest.approx(train.get_lr(cfg, r["iter"] - 1))  # the lr of the last step
         assert r["time_ms"] > 0
         assert r["tokens_per_s"] * r["time_ms"] / 1000 == pytest.approx(tokens_per_iter)
+        assert r["tokens"] == r["iter"] * tokens_per_iter
         assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
         assert 0.0 <= r["clip_frac"] <= 1.0
         if name.startswith("sophia"):
