@@ -1,0 +1,399 @@
+"""Distributed training, on the CPU with gloo and 2 processes: DDP computes what one process
+computes on the same global batch, every rank holds the same state, evaluation covers all
+ranks' windows; FSDP2 (--fsdp=True) trains like DDP, writes the same checkpoint format and
+resumes sharded or unsharded. Marked `distributed`: run alone with `pytest -m distributed`.
+
+Each 2-rank launch starts tests/distributed_worker.py twice (the environment torchrun gives
+a rank: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), and the two processes train several
+runs one after the other, dumping each rank's final model and optimizer state. The runs are
+12 steps of a 2-layer, width-32 model with a Hessian estimate every 3 steps (steps 0, 3, 6,
+9), an evaluation and a checkpoint every 6 steps, and a global batch of 2 micro-batches of
+4 sequences: one process with 2 accumulation steps, or 2 ranks with 1 each. The Hessian
+estimate uses the whole global batch (hess_batch_size=8), so it sees the same sequences in
+both layouts.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_worker.py"
+WORLD = 2
+TINY = [
+    "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+    "--batch_size=4", "--gradient_accumulation_steps=2", "--device=cpu", "--dtype=float32", "--compile=False",
+    "--max_iters=12", "--eval_interval=6", "--eval_iters=3", "--log_interval=3", "--warmup_iters=2",
+    "--lr_decay_iters=12", "--learning_rate=3e-3", "--min_lr=3e-4", "--hess_interval=3", "--hess_batch_size=8",
+    "--wandb_log=False",
+]
+# eval_iters=3 on 2 ranks: rank 0 scores batches 0 and 2, rank 1 batch 1 and a padding forward.
+OPTIMIZERS = {
+    "adamw": ["--optimizer_name=adamw"],
+    "lion": ["--optimizer_name=lion"],
+    "sophiag": ["--optimizer_name=sophiag"],
+    "sophiah": ["--optimizer_name=sophiah", "--rho=0.01"],
+}
+FSDP_OPTIMIZERS = ["adamw", "lion", "sophiag"]  # Sophia-H is refused under FSDP2 (see the last test)
+# 2 micro-steps per rank (4 in one process): the gradient all-reduce / reduce-scatter skipped on
+# the first (DDP no_sync, FSDP2 set_requires_gradient_sync), the estimator over 2 micro-batches.
+ACCUMULATE = ["--gradient_accumulation_steps=4", "--hess_batch_size=16", *OPTIMIZERS["sophiag"]]
+DDP_TOL = {"rtol": 1e-5, "atol": 1e-5}  # measured: bitwise equal here (x/2 is exact)
+# FSDP2's clip_grad_norm_ sums squares shard by shard: the clip factor differs in the last bit,
+# and Sophia's m / (rho h) amplifies it; measured differences are at most 5e-6.
+FSDP_TOL = {"rtol": 1e-4, "atol": 5e-5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Speed only: tiny models run fastest on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Run:
+    out_dir: Path
+    result: dict | None = None
+
+    def checkpoint(self, step: int | None = None) -> dict:
+        path = self.out_dir / f"ckpt_{step:08d}.pt" if step is not None else train.checkpoints(self.out_dir)[-1]
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def records(self, kind: str) -> list[dict]:
+        lines = (self.out_dir / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+    def rank_state(self, rank: int) -> dict:
+        """What the worker dumped for this rank: model, optimizer (local shards), result."""
+        return torch.load(self.out_dir / "ranks" / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+
+
+def single_process(out_dir: Path, *args: str) -> Run:
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train.main([*TINY, f"--out_dir={out_dir}", *args])
+    return Run(out_dir, result)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:  # all bound at once: n different ports
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def launch(runs: dict[str, list[str]], root: Path, timeout: float = 300) -> dict[str, Run]:
+    """Train `runs` ({name: train.py arguments}) on WORLD ranks, one after the other in the
+    same processes; each run writes to root/name (its checkpoints, metrics.jsonl, and the
+    ranks' final states under ranks/)."""
+    spec = [{"dump": str(root / name / "ranks"), "port": port, "argv": [*TINY, f"--out_dir={root / name}", *args]}
+            for (name, args), port in zip(runs.items(), free_ports(len(runs)))]
+    spec_file = root / f"launch-{'-'.join(runs)}.json"
+    spec_file.write_text(json.dumps(spec))
+    procs, logs = [], []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+               "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        log = open(root / f"{spec_file.stem}-rank{rank}.log", "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], cwd=ROOT, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # one rank failed and the other waits for it, or a hang
+                proc.kill()
+                proc.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    failed = [(rank, proc.returncode) for rank, proc in enumerate(procs) if proc.returncode != 0]
+    assert not failed, f"ranks failed (rank, status): {failed}\n" + "\n".join(
+        f"--- rank {rank} (last lines)\n" + "\n".join(out.splitlines()[-30:]) for rank, out in enumerate(outputs))
+    out = {}
+    for name in runs:
+        run = Run(root / name)
+        run.result = run.rank_state(0)["result"]
+        out[name] = run
+    return out
+
+
+def copy_checkpoint(src: Run, step: int, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True)
+    name = f"ckpt_{step:08d}.pt"
+    shutil.copy(src.out_dir / name, out_dir / name)
+    return out_dir
+
+
+def flat(value, path: str = "") -> dict:
+    """Nested dicts/lists flattened to {path: leaf}."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{path}/{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{path}[{i}]").items()}
+    return {path: value}
+
+
+def assert_bytes_equal(a: dict, b: dict, where: str) -> None:
+    """Every tensor the same dtype, shape and bytes (stricter than ==: -0.0 != 0.0, NaN == NaN)."""
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys(), where
+    for k in fa:
+        if isinstance(fa[k], torch.Tensor):
+            x, y = fa[k], fb[k]
+            assert (x.dtype, x.shape) == (y.dtype, y.shape), f"{where}{k}"
+            assert x.contiguous().numpy().tobytes() == y.contiguous().numpy().tobytes(), f"{where}{k} differs"
+        else:
+            assert fa[k] == fb[k], f"{where}{k}"
+
+
+def assert_state_close(a: dict, b: dict, where: str, rtol: float, atol: float) -> None:
+    """Same keys; tensors equal to tolerance, everything else exactly."""
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys(), where
+    for k in fa:
+        if isinstance(fa[k], torch.Tensor):
+            torch.testing.assert_close(fa[k], fb[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{where}{k}: {m}")
+        else:
+            assert fa[k] == fb[k], f"{where}{k}"
+
+
+# ----------------------------------------------------------------------------- the runs
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict[str, Run]:
+    """One process: 2 accumulation steps per step for each optimizer, and 4 for Sophia-G's
+    accumulation run."""
+    root = tmp_path_factory.mktemp("single")
+    return {name: single_process(root / name, *args) for name, args in {**OPTIMIZERS, "accumulate": ACCUMULATE}.items()}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, Run]:
+    """2 ranks, 1 accumulation step each: DDP for every optimizer, FSDP2 for those it supports;
+    and Sophia-G with 2 accumulation steps on each rank, under DDP and FSDP2."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    runs = {f"ddp-{name}": args for name, args in OPTIMIZERS.items()}
+    runs.update({f"fsdp-{name}": [*OPTIMIZERS[name], "--fsdp=True"] for name in FSDP_OPTIMIZERS})
+    runs.update({"ddp-accumulate": ACCUMULATE, "fsdp-accumulate": [*ACCUMULATE, "--fsdp=True"]})
+    return launch(runs, root)
+
+
+@pytest.fixture(scope="module")
+def resumed(two_ranks, tmp_path_factory) -> dict[str, Run]:
+    """The step-6 checkpoints of the 2-rank runs, continued to step 12: sharded on 2 ranks
+    (from FSDP2 and from DDP checkpoints) and unsharded in one process."""
+    root = tmp_path_factory.mktemp("resumed")
+    runs = {}
+    for name in FSDP_OPTIMIZERS:
+        copy_checkpoint(two_ranks[f"fsdp-{name}"], 6, root / f"fsdp-to-fsdp-{name}")
+        runs[f"fsdp-to-fsdp-{name}"] = [*OPTIMIZERS[name], "--fsdp=True", "--init_from=resume"]
+    copy_checkpoint(two_ranks["ddp-sophiag"], 6, root / "ddp-to-fsdp-sophiag")
+    runs["ddp-to-fsdp-sophiag"] = [*OPTIMIZERS["sophiag"], "--fsdp=True", "--init_from=resume"]
+    out = launch(runs, root)
+    copy_checkpoint(two_ranks["fsdp-sophiag"], 6, root / "fsdp-to-single-sophiag")
+    out["fsdp-to-single-sophiag"] = single_process(root / "fsdp-to-single-sophiag", *OPTIMIZERS["sophiag"],
+                                                   "--init_from=resume")
+    return out
+
+
+# ----------------------------------------------------------------------------- DDP
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_ddp_on_two_ranks_matches_one_process_with_two_accumulation_steps(single, two_ranks, name):
+    """The same global batches, split over ranks instead of micro-steps, give the same model
+    and optimizer state (m, v, and Sophia's Hessian EMA after 4 estimates: GNB draws the
+    uniforms of the global batch on every rank and slices them, Hutchinson shares u and
+    all-reduces H u)."""
+    one, ddp = single[name].checkpoint(), two_ranks[f"ddp-{name}"].checkpoint()
+    assert one["iter_num"] == ddp["iter_num"] == 12 and (one["world_size"], ddp["world_size"]) == (1, WORLD)
+    assert_state_close(one["model"], ddp["model"], "model", **DDP_TOL)
+    assert_state_close(one["optimizer"], ddp["optimizer"], "optimizer", **DDP_TOL)
+    if name.startswith("sophia"):
+        assert all(s["hessian"].abs().sum() > 0 for s in ddp["optimizer"]["state"].values())
+    for a, b in zip(single[name].records("train"), two_ranks[f"ddp-{name}"].records("train"), strict=True):
+        assert b["iter"] == a["iter"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        if name.startswith("sophia"):
+            assert b["hessian_norm"] == pytest.approx(a["hessian_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_ddp_ranks_end_with_bit_identical_parameters_and_optimizer_state(two_ranks, name):
+    run = two_ranks[f"ddp-{name}"]
+    rank0, rank1 = run.rank_state(0), run.rank_state(1)
+    assert_bytes_equal(rank0["model"], rank1["model"], "model")
+    assert_bytes_equal(rank0["optimizer"], rank1["optimizer"], "optimizer")  # m, v, Hessian EMA, steps
+    # ... and the checkpoint holds exactly that state.
+    assert_bytes_equal(rank0["model"], run.checkpoint()["model"], "checkpoint model")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_ddp_evaluation_averages_over_all_ranks(single, two_ranks, name):
+    """Each rank scores part of the evaluation windows (eval_iters=3: 2 and 1); the result is
+    the mean over all of them, the same as one process scoring them all."""
+    one, ddp = single[name].records("eval"), two_ranks[f"ddp-{name}"].records("eval")
+    assert [r["iter"] for r in one] == [r["iter"] for r in ddp] == [0, 6, 12]
+    for a, b in zip(one, ddp):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+    assert two_ranks[f"ddp-{name}"].result == pytest.approx(single[name].result, rel=1e-5)
+
+
+def test_accumulation_on_each_rank_matches_one_process(single, two_ranks):
+    """2 ranks x 2 micro-steps (Sophia-G) against 1 process x 4 micro-steps. FSDP2 and DDP add
+    the 4 micro-gradients in the same order, (g0 + g1) + (g2 + g3), and agree to FSDP_TOL; one
+    process adds ((g0 + g1) + g2) + g3, which differs in the last bits, and over 12 steps
+    Sophia's clipped ratio m / (rho h) turns that into differences of up to 1e-4 in a few
+    coordinates (measured: 2 of 3072 in one matrix), so that comparison is looser."""
+    one = single["accumulate"].checkpoint()
+    ddp, fsdp = two_ranks["ddp-accumulate"].checkpoint(), two_ranks["fsdp-accumulate"].checkpoint()
+    assert_state_close(ddp["model"], fsdp["model"], "model", **FSDP_TOL)
+    assert_state_close(ddp["optimizer"], fsdp["optimizer"], "optimizer", **FSDP_TOL)
+    assert_state_close(one["model"], ddp["model"], "model", rtol=1e-3, atol=1e-3)
+    assert_state_close(one["optimizer"], ddp["optimizer"], "optimizer", rtol=1e-3, atol=1e-3)
+    for run in ("ddp-accumulate", "fsdp-accumulate"):
+        assert two_ranks[run].result == pytest.approx(single["accumulate"].result, rel=1e-4)
+
+
+def test_evaluation_is_independent_of_the_world_size_at_initialisation(single, two_ranks):
+    """Before any step every run holds the same weights: the step-0 evaluation is bitwise the
+    same on 1 and 2 ranks, DDP and FSDP2 (each loss slot is filled by one rank, plus zeros)."""
+    losses = {name: run.records("eval")[0] for name, run in {**single, **two_ranks}.items()}
+    assert len({(r["train_loss"], r["val_loss"]) for r in losses.values()}) == 1, losses
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+@pytest.mark.parametrize("name", FSDP_OPTIMIZERS)
+def test_fsdp_trains_and_matches_ddp(two_ranks, name):
+    """Sharded training lowers the loss and ends where DDP ends, to float tolerance: the
+    gradients are bitwise DDP's, but clip_grad_norm_ sums the squared norms shard by shard,
+    so the clipping factor differs in the last bits (with grad_clip=0 the runs are bitwise
+    equal)."""
+    fsdp, ddp = two_ranks[f"fsdp-{name}"], two_ranks[f"ddp-{name}"]
+    evals = fsdp.records("eval")
+    assert [r["iter"] for r in evals] == [0, 6, 12]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 0.3, evals
+    a, b = fsdp.checkpoint(), ddp.checkpoint()
+    assert_state_close(a["model"], b["model"], "model", **FSDP_TOL)
+    assert_state_close(a["optimizer"], b["optimizer"], "optimizer", **FSDP_TOL)
+    for x, y in zip(fsdp.records("train"), ddp.records("train"), strict=True):
+        assert x["iter"] == y["iter"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    for x, y in zip(evals, ddp.records("eval"), strict=True):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5)
+
+
+def test_fsdp_sophia_statistics_are_global(two_ranks):
+    """win_rate and hessian_norm are all-reduced over the shards: the logged values are
+    DDP's (one rank's shard alone has about 1/sqrt(2) of the Hessian norm)."""
+    fsdp, ddp = two_ranks["fsdp-sophiag"].records("train"), two_ranks["ddp-sophiag"].records("train")
+    assert [r["iter"] for r in fsdp] == [3, 6, 9, 12]
+    for x, y in zip(fsdp, ddp, strict=True):
+        assert x["hessian_norm"] == pytest.approx(y["hessian_norm"], rel=1e-5)
+        assert x["win_rate"] == pytest.approx(y["win_rate"], rel=1e-3)
+        assert 0 < x["win_rate"] < 1
+
+
+@pytest.mark.parametrize("name", FSDP_OPTIMIZERS)
+def test_fsdp_checkpoint_has_the_unsharded_format_and_holds_the_ranks_shards(two_ranks, name):
+    fsdp, ddp = two_ranks[f"fsdp-{name}"].checkpoint(), two_ranks[f"ddp-{name}"].checkpoint()
+    assert fsdp.keys() == ddp.keys()
+    assert fsdp["world_size"] == WORLD and fsdp["config"]["fsdp"] is True
+    shapes = {k: (v.dtype, v.shape) if isinstance(v, torch.Tensor) else v
+              for k, v in flat({"model": fsdp["model"], "optimizer": fsdp["optimizer"]}).items()}
+    assert shapes == {k: (v.dtype, v.shape) if isinstance(v, torch.Tensor) else v
+                      for k, v in flat({"model": ddp["model"], "optimizer": ddp["optimizer"]}).items()}
+    # Every tensor is the ranks' shards (dim 0, in rank order) put together, bit for bit.
+    ranks = [two_ranks[f"fsdp-{name}"].rank_state(r) for r in range(WORLD)]
+    for part in ("model", "optimizer"):
+        shards = [flat(r[part]) for r in ranks]
+        for key, full in flat(fsdp[part]).items():
+            if isinstance(full, torch.Tensor) and full.dim() > 0:
+                joined = torch.cat([s[key] for s in shards])
+                assert joined.numpy().tobytes() == full.numpy().tobytes(), f"{part}{key}"
+    assert ranks[0]["model"]["transformer.wte.weight"].shape[0] == fsdp["model"]["transformer.wte.weight"].shape[0] // 2
+
+
+@pytest.mark.parametrize("name", FSDP_OPTIMIZERS)
+def test_fsdp_resume_on_the_same_world_size_is_bitwise_identical(two_ranks, resumed, name):
+    """Step 6's checkpoint, resumed sharded on 2 ranks, ends bit for bit where the
+    uninterrupted run ends: weights, optimizer state, RNG states, evaluation."""
+    full, again = two_ranks[f"fsdp-{name}"], resumed[f"fsdp-to-fsdp-{name}"]
+    assert [r["iter"] for r in again.records("eval")] == [6, 12]
+    assert again.result == full.result
+    a, b = full.checkpoint(), again.checkpoint()
+    assert_bytes_equal(a["model"], b["model"], "model")
+    assert_bytes_equal(a["optimizer"], b["optimizer"], "optimizer")
+    assert_bytes_equal(a["rng"], b["rng"], "rng")
+    assert [r["loss"] for r in again.records("train")] == [r["loss"] for r in full.records("train")][-2:]
+    if name == "sophiag":  # the win rate after resuming counts only real steps
+        assert [r["win_rate"] for r in again.records("train")] == [r["win_rate"] for r in full.records("train")][-2:]
+
+
+def test_fsdp_checkpoint_resumes_unsharded(two_ranks, resumed):
+    """An FSDP2 checkpoint continues in one process (2 accumulation steps) to where the
+    sharded run ends, to float tolerance (clipping norms summed in another order)."""
+    full, again = two_ranks["fsdp-sophiag"], resumed["fsdp-to-single-sophiag"]
+    assert [r["iter"] for r in again.records("eval")] == [6, 12]
+    a, b = full.checkpoint(), again.checkpoint()
+    assert b["world_size"] == 1
+    assert_state_close(a["model"], b["model"], "model", **FSDP_TOL)
+    assert_state_close(a["optimizer"], b["optimizer"], "optimizer", **FSDP_TOL)
+    assert again.result == pytest.approx(full.result, rel=1e-5)
+
+
+def test_ddp_checkpoint_resumes_sharded(two_ranks, resumed):
+    full, again = two_ranks["ddp-sophiag"], resumed["ddp-to-fsdp-sophiag"]
+    assert [r["iter"] for r in again.records("eval")] == [6, 12]
+    a, b = full.checkpoint(), again.checkpoint()
+    assert b["config"]["fsdp"] is True
+    assert_state_close(a["model"], b["model"], "model", **FSDP_TOL)
+    assert_state_close(a["optimizer"], b["optimizer"], "optimizer", **FSDP_TOL)
+    assert again.result == pytest.approx(full.result, rel=1e-5)
+
+
+def test_sophiah_with_fsdp_is_refused_at_startup_with_one_line(tmp_path):
+    """As launched by torchrun (rank 0 of 2): validate() refuses before init_process_group,
+    which would otherwise wait for rank 1. Hutchinson differentiates twice with respect to
+    the parameters, which FSDP2 swaps for gathered copies during the forward."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "train.py", *TINY, f"--out_dir={tmp_path}", "--fsdp=True",
+                             *OPTIMIZERS["sophiah"]],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: fsdp=True does not work with optimizer_name='sophiah'")
+    assert "--optimizer_name=sophiag" in result.stderr and "--fsdp=False" in result.stderr
+    assert not list(tmp_path.iterdir())
