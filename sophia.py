@@ -123,7 +123,9 @@ class Sophia(torch.optim.Optimizer):
             return
         hessians = [_local(h) for _, h, _ in pairs]
         estimates = [_local(e).to(h.dtype) for _, h, e in pairs]
-        finite = torch.stack([torch.isfinite(e).all() for e in estimates]).all()
+        # min and max propagate NaN and show Inf: one read, no boolean temporaries.
+        finite = torch.isfinite(torch.stack([x for e in estimates if e.numel() for x in torch.aminmax(e)]
+                                            or [torch.zeros((), device=hessians[0].device)])).all()
         if self._stat_skipped_estimates is None:
             self._stat_skipped_estimates = torch.zeros((), device=hessians[0].device)
         self._stat_skipped_estimates += (~finite).float()
@@ -254,50 +256,94 @@ def _update_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weig
     return unclipped
 
 
+# Elements per group of the foreach update: its temporaries are one group's worth, small
+# enough on the CPU to be reused from the heap (no page faults) and to stay in cache.
+_FOREACH_GROUP = {"cpu": 1 << 22}
+_FOREACH_GROUP_DEFAULT = 1 << 24  # <= 2^24 also keeps the float32 counts exact
+
+
+def _groups(tensor_lists: list[list[Tensor]], limit: int):
+    """Aligned lists of flat views of the tensors, cut into groups of <= `limit` elements
+    (a non-contiguous tensor goes whole). Yields (views per list, elements in the group)."""
+    group, size = [[] for _ in tensor_lists], 0
+    for tensors in zip(*tensor_lists):
+        n = tensors[0].numel()
+        whole = not all(t.is_contiguous() for t in tensors)
+        for start in range(0, n, n if whole else limit):
+            length = n if whole else min(limit, n - start)
+            if size and size + length > limit:
+                yield group, size
+                group, size = [[] for _ in tensor_lists], 0
+            for views, t in zip(group, tensors):
+                views.append(t if whole else t.view(-1)[start:start + length])
+            size += length
+    if size:
+        yield group, size
+
+
 def _update_foreach(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
                     maximize) -> Tensor:
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    denom = torch._foreach_mul(hessians, rho)
-    torch._foreach_clamp_min_(denom, eps)
-    ratio = torch._foreach_div(exp_avgs, denom)
-    del denom
-    # |ratio| < 1 before the clip is the same as |clamped| < 1 after it.
-    torch._foreach_clamp_min_(ratio, -1.0)
-    torch._foreach_clamp_max_(ratio, 1.0)
-    unclipped = torch.stack([(r.abs() < 1).sum() for r in ratio]).sum().double()
-    torch._foreach_add_(params, ratio, alpha=-lr)
-    return unclipped
+    clipped = []
+    limit = _FOREACH_GROUP.get(params[0].device.type, _FOREACH_GROUP_DEFAULT)
+    for (p, g, m, h), size in _groups([params, grads, exp_avgs, hessians], limit):
+        if maximize:
+            g = torch._foreach_neg(g)
+        torch._foreach_lerp_(m, g, 1.0 - beta1)
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        # One temporary list, reused in place: max(rho h, eps), then m / it, then the clip.
+        ratio = torch._foreach_mul(h, rho)
+        torch._foreach_clamp_min_(ratio, eps)
+        for m_i, r in zip(m, ratio):
+            torch.div(m_i, r, out=r)
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_add_(p, ratio, alpha=-lr)
+        # Count in place: floor(|clipped ratio|) is 1 where the ratio was clipped, 0 where
+        # |ratio| < 1; NaN counts as clipped, as in the reference. Sums of <= 2^24 ones are exact.
+        torch._foreach_abs_(ratio)
+        torch._foreach_floor_(ratio)
+        for r in ratio:
+            r.nan_to_num_(nan=1.0)
+        wide = size > 1 << 24 or any(r.dtype == torch.float64 for r in ratio)
+        clipped += torch._foreach_norm(ratio, 1, dtype=torch.float64 if wide else torch.float32)
+    total = (torch.stack(clipped).double().sum() if clipped
+             else torch.zeros((), dtype=torch.float64, device=params[0].device))
+    return sum(p.numel() for p in params) - total
 
 
 def _update_fused(params, grads, exp_avgs, hessians, lr: Tensor, beta1: float, rho: float,
-                  weight_decay: float, eps: float, maximize: bool) -> Tensor:
+                  weight_decay: float, eps: float, maximize: bool) -> None:
     """One elementwise expression per tensor, for inductor to fuse: reads p, g, m, h and
-    writes p, m (24 bytes per fp32 parameter)."""
-    unclipped = []
+    writes p, m (24 bytes per fp32 parameter). The count of unclipped coordinates is a
+    separate kernel: inductor does not fuse a reduction into a loop that stores, so counting
+    here would re-read m, g and h (12 bytes) instead of the new m and h (8 bytes)."""
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
         g = -g if maximize else g
         m_new = torch.lerp(m, g, 1.0 - beta1)
         ratio = m_new / torch.clamp(h * rho, min=eps)
-        unclipped.append((ratio.abs() < 1).sum())
         m.copy_(m_new)
         p.copy_(p * (1.0 - lr * weight_decay) - lr * ratio.clamp(-1.0, 1.0))
-    return torch.stack(unclipped).sum().double()
+
+
+def _count_unclipped(exp_avgs, hessians, rho: float, eps: float) -> Tensor:
+    """Coordinates with |m / max(rho h, eps)| < 1, from the updated m."""
+    return torch.stack([((m / torch.clamp(h * rho, min=eps)).abs() < 1).sum()
+                        for m, h in zip(exp_avgs, hessians)]).sum().double()
 
 
 _compiled_fused = None
+_compiled_count = None
 
 
 def _update_compiled(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
                      maximize) -> Tensor:
-    global _compiled_fused
+    global _compiled_fused, _compiled_count
     if _compiled_fused is None:
         _compiled_fused = torch.compile(_update_fused, fullgraph=True, dynamic=False)
-    return _compiled_fused(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps,
-                           maximize)
+        _compiled_count = torch.compile(_count_unclipped, fullgraph=True, dynamic=False)
+    _compiled_fused(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize)
+    return _compiled_count(exp_avgs, hessians, rho, eps)
 
 
 # ----------------------------------------------------------------------------- estimators

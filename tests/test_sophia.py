@@ -758,3 +758,29 @@ def test_sophia_defaults_match_the_paper():
     assert (h["rho"], h["weight_decay"], h["betas"]) == (0.01, 0.2, (0.965, 0.99))
     assert sophia.IMPLEMENTATIONS == IMPLS
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_foreach_equals_reference_when_its_groups_cut_tensors_apart(monkeypatch, dtype):
+    # The foreach update runs over groups of flat views of at most _FOREACH_GROUP elements;
+    # a tiny limit cuts every tensor across groups.
+    monkeypatch.setitem(sophia._FOREACH_GROUP, "cpu", 7)
+    gen = torch.Generator().manual_seed(23)
+    shapes = [(5, 4), (3,), (1,), (0,), (11, 2), (3, 6)]
+    values = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(4)]
+    results = []
+    for impl in ("reference", "foreach"):
+        params = [nn.Parameter(v.clone()) for v in values[0]]
+        params[-1] = nn.Parameter(values[0][-1].clone().t().contiguous().t())  # non-contiguous: goes whole
+        opt = SophiaG(params, lr=0.1, rho=0.5, weight_decay=0.1, impl=impl)
+        for step in range(3):
+            if step != 1:
+                opt.update_hessian([torch.randn(s, generator=torch.Generator().manual_seed(step)).to(dtype)
+                                    for s in shapes])
+            for p, g in zip(params, values[step + 1]):
+                p.grad = g.clone()
+            opt.step()
+        results.append(([p.detach().clone() for p in params], opt.stats()["win_rate"]))
+    (ref, ref_rate), (got, rate) = results
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert rate == ref_rate and 0 < rate < 1
