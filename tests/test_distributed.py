@@ -59,15 +59,6 @@ DDP_TOL = {"rtol": 1e-5, "atol": 1e-5}  # measured: bitwise equal here (x/2 is e
 FSDP_TOL = {"rtol": 1e-4, "atol": 5e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Speed only: tiny models run fastest on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class Run:
     out_dir: Path

@@ -28,15 +28,6 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--compile=False", "--dataset=shakespeare_char"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Speed only: tiny models are fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("char")

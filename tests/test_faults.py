@@ -17,7 +17,7 @@ import torch
 
 import train
 from model import GPT
-from test_train import TINY, assert_same_tensors, load_ckpt, one_thread, run_train  # noqa: F401
+from test_train import TINY, assert_same_tensors, load_ckpt, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SIXTY = ["--max_iters=60", "--lr_decay_iters=60", "--eval_interval=1000", "--log_interval=1"]

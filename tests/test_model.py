@@ -15,16 +15,6 @@ V, T, C, L, H = 65, 16, 32, 2, 2  # vocab, block size, width, layers, heads
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Speed only: tiny models run fastest on one intra-op thread, and on a busy 2-core
-    machine two threads can make them 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(seed: int = 0, **overrides) -> GPT:
     args = {"vocab_size": V, "block_size": T, "n_layer": L, "n_head": H, "n_embd": C, "bias": True}
     args.update(overrides)

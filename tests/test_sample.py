@@ -18,15 +18,6 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--eval_interval=4", "--eval_iters=1", "--gradient_accumulation_steps=1", "--device=cpu",
         "--compile=False", "--learning_rate=1e-2", "--warmup_iters=0"]
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Speed only: tiny models are fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_tiny(out_dir: Path, dataset: str) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
         train.main([*TINY, f"--dataset={dataset}", f"--out_dir={out_dir}"])

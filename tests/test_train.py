@@ -46,16 +46,6 @@ CHECKPOINT_KEYS = {"model", "optimizer", "scaler", "model_args", "iter_num", "be
                    "world_size"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Speed only: tiny models run fastest on one intra-op thread, and on a busy 2-core
-    machine two threads can make them 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class Run:
     out_dir: Path
