@@ -2,28 +2,14 @@
 # 100K steps x 480 sequences x 1024 tokens (49B tokens), warmup 2K, cosine to 0.05x peak, clip 1.0, bf16.
 # Cost: about 24 A100-hours (8 x A100: ~3 h), estimated as 6*N*D FLOPs at 40% MFU, not measured.
 # Prepare the data first: python data/openwebtext/prepare.py
+include("_gpt2_paper.py")
+include("_optimizer_sophiag.py")
 out_dir = "out-gpt2-30m-sophiag"
 wandb_run_name = "gpt2-30m-sophiag"
-dataset = "openwebtext"
 n_layer = 6
 n_head = 6
 n_embd = 384
-block_size = 1024
 batch_size = 30  # per GPU; x gradient_accumulation_steps = 480 sequences per step
 gradient_accumulation_steps = 16  # over all GPUs: a multiple of 8
-optimizer_name = "sophiag"
 learning_rate = 1.0e-3
 min_lr = 5.0e-5
-weight_decay = 0.2
-beta1 = 0.96
-beta2 = 0.99
-rho = 0.05
-hess_interval = 10
-hess_batch_size = 240  # half of the batch (paper Sec. 3.4)
-max_iters = 100000
-lr_decay_iters = 100000
-warmup_iters = 2000
-eval_interval = 1000
-eval_iters = 200
-log_interval = 10
-grad_clip = 1.0

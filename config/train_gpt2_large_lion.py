@@ -3,26 +3,15 @@
 # Cost: about 568 A100-hours (8 x A100: ~71 h), estimated as 6*N*D FLOPs at 40% MFU, not measured.
 # Prepare the data first: python data/openwebtext/prepare.py
 # The paper trains no Lion model at this size: lr = AdamW lr / 5 (Lion paper's rule of thumb), untuned.
+include("_gpt2_paper.py")
+include("_optimizer_lion.py")
 out_dir = "out-gpt2-large-lion"
 wandb_run_name = "gpt2-large-lion"
-dataset = "openwebtext"
 n_layer = 36
 n_head = 20
 n_embd = 1280
-block_size = 1024
 batch_size = 4  # per GPU; x gradient_accumulation_steps = 480 sequences per step
 gradient_accumulation_steps = 120  # over all GPUs: a multiple of 8
 scale_attn_by_inverse_layer_idx = True  # paper App. C.2: AdamW/Lion need it above 355M; same for every optimizer
-optimizer_name = "lion"
 learning_rate = 4.0e-5
 min_lr = 2.0e-6
-weight_decay = 0.2
-beta1 = 0.95
-beta2 = 0.98
-max_iters = 100000
-lr_decay_iters = 100000
-warmup_iters = 2000
-eval_interval = 1000
-eval_iters = 200
-log_interval = 10
-grad_clip = 1.0

@@ -1,0 +1,5 @@
+# AdamW as tuned in the paper (App. C.1).
+optimizer_name = "adamw"
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95

@@ -1,0 +1,5 @@
+# Lion as in the paper (App. C.1, after Chen et al. 2023).
+optimizer_name = "lion"
+weight_decay = 0.2
+beta1 = 0.95
+beta2 = 0.98

@@ -1,0 +1,41 @@
+"""Every config in config/ parses, passes train.py's checks, and says what it reproduces and
+what it costs in its opening comment."""
+
+from pathlib import Path
+
+import pytest
+
+import configurator
+import train
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "config").glob("*.py"))
+RUNNABLE = [p for p in CONFIGS if not p.name.startswith("_")]  # "_*.py" are pieces to include()
+
+
+def test_there_is_a_config_per_paper_size_and_optimizer():
+    names = {p.stem for p in RUNNABLE}
+    for size in ("30m", "small", "medium", "540m", "large"):
+        for opt in ("adamw", "lion", "sophiag", "sophiah"):
+            assert f"train_gpt2_{size}_{opt}" in names
+    assert "train_gpt2_medium_sophiag" in names and "train_shakespeare_char" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_starts_with_a_comment(path):
+    assert path.read_text().startswith("# ")
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)
+def test_every_config_parses_and_validates(path):
+    cfg = train.Config(configurator.parse(train.DEFAULTS, [str(path)]))
+    assert cfg.optimizer_name in train.OPTIMIZERS
+    assert cfg.optimizer_name in path.stem or path.stem == "train_shakespeare_char"
+    header = path.read_text().split("\n\n")[0]
+    if path.stem.startswith("train_gpt2_"):
+        assert "Cost:" in header and "Table 2" in header
+        assert cfg.batch_size * cfg.gradient_accumulation_steps == 480
+        assert cfg.max_iters == cfg.lr_decay_iters == 100000
+        assert cfg.min_lr == pytest.approx(cfg.learning_rate / 20)
+        train.validate(cfg, world_size=8)  # one 8-GPU node
+    else:
+        train.validate(cfg, world_size=1)
