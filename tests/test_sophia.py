@@ -169,7 +169,7 @@ def test_negative_or_zero_h_gives_exactly_lr_sign_m_never_a_step_along_plus_m(im
     grad[::9] = 0.0  # m = 0: no step at all
     h = -torch.rand(64, generator=gen) * 10.0
     h[::4] = 0.0
-    h[1::4] = -1e-30  # tiny negative: rho h rounds to -0
+    h[1::4] = -1e-30  # tiny negative curvature: still below eps, still sign(m)
     p = torch.nn.Parameter(theta.clone())
     opt = SophiaG([p], lr=0.05, betas=(0.5, 0.0), rho=0.05, weight_decay=0.0, impl=impl)
     opt.update_hessian([h])  # beta2 = 0: h is exactly the estimate

@@ -1,0 +1,430 @@
+"""Benchmark Sophia against AdamW and Lion: optimizer step time, training-iteration time and
+peak memory, printed as Markdown tables.
+
+    python scripts/bench_optimizer.py                                  # everything, printed
+    python scripts/bench_optimizer.py --what step --iters 20 --threads 1
+    python scripts/bench_optimizer.py --what train --train-iters 100 --repeats 2 --out bench.md
+
+--what step    Optimizer step time on GPT-2-small-shaped parameters (the real
+               model.GPT(GPTConfig()) shapes, 124M fp32 parameters split into the decay /
+               no-decay groups train.py uses, random gradients): SophiaG with impl reference /
+               foreach / compiled (and foreach / compiled with stats_every=10, the "_s10" rows)
+               against torch.optim.AdamW fused=True and foreach=True, and Lion (lion_pytorch).
+               --iters timed steps after --warmup steps (the warmup holds torch.compile's
+               compilation): the median, the fastest step and its CPU time; ratios against
+               fused AdamW. Sophia's update_hessian (once every k steps in training) is timed
+               separately. Each optimizer runs in a fresh subprocess.
+--what train   Mean training-iteration time of a short train.py run per optimizer, same
+               settings for all: config/train_shakespeare_char.py, --train-iters steps,
+               hess_interval=10 with a half-batch estimator (hess_batch_size = batch_size / 2),
+               log_interval=10 (so every logged window holds exactly one estimator call).
+               time_ms comes from out_dir/metrics.jsonl: the median of the 10-iteration windows
+               after the first (warmup, compilation), robust to other jobs' bursts. Each run is a fresh subprocess calling train.main.
+--what memory  Peak memory per optimizer. Step benchmark: torch.cuda.max_memory_allocated
+               while stepping, or on the CPU the peak RSS while stepping (Linux VmHWM, reset
+               just before the first step: parameters, gradients, optimizer state, temporaries,
+               plus the interpreter and torch); the optimizer state's size is exact. Training
+               runs: the peak of the whole subprocess (CPU: resource.getrusage, which includes
+               the interpreter, torch and the data; the RSS after imports is shown so the growth
+               can be compared). "memory" runs the step and train benchmarks for this.
+--what all     All of the above (the default).
+
+The device is CUDA when available, else the CPU. On a CPU shared with other jobs, use
+--threads 1: with 2 intra-op threads every parallel region waits for a descheduled thread
+(fused AdamW measured 1.2 s a step with 2 threads vs 0.12 s with 1 on a busy 2-core machine).
+--repeats runs every measurement several times, the optimizers interleaved. --only picks a
+subset, --out writes the Markdown to a file as well as printing it, --raw every number as JSON.
+
+The issue's targets, which the tables are read against: Sophia step time <= 0.8x fused
+AdamW; Sophia-G training iteration <= 1.05x AdamW at k=10 with a half-batch estimator;
+Sophia-H <= 1.10x; peak memory within 5% of AdamW.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "BENCH_RESULT "
+
+# sophiag_<impl>[_s<n>]: SophiaG(impl=<impl>, stats_every=<n>)
+STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "sophiag_reference", "sophiag_foreach",
+                   "sophiag_compiled", "sophiag_foreach_s10", "sophiag_compiled_s10")
+# (label, optimizer_name, optimizer_impl) for train.py
+TRAIN_RUNS = (("adamw", "adamw", "auto"), ("lion", "lion", "auto"), ("sophiag", "sophiag", "auto"),
+              ("sophiah", "sophiah", "auto"), ("sophiag_compiled", "sophiag", "compiled"))
+
+
+# ----------------------------------------------------------------------------- workers (subprocesses)
+
+def rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def proc_status_mib(key: str) -> float | None:
+    """VmRSS (current) or VmHWM (peak since the last reset_peak_rss) from /proc (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so a later peak covers only what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker_step(name: str, iters: int, warmup: int, seed: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from model import GPT, GPTConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline_rss = rss_mib()
+    with torch.device("meta"):
+        shapes_model = GPT(GPTConfig())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    groups = []
+    for group in shapes_model.param_groups(weight_decay=0.1):
+        params = []
+        for p in group["params"]:
+            q = torch.nn.Parameter(torch.randn(p.shape, generator=gen, device=device) * 0.02)
+            q.grad = torch.randn(p.shape, generator=gen, device=device) * 1e-3
+            params.append(q)
+        groups.append({"params": params, "weight_decay": group["weight_decay"]})
+    del shapes_model
+    n_params = sum(p.numel() for g in groups for p in g["params"])
+    opt = make_optimizer(name, groups)
+
+    all_params = [p for g in groups for p in g["params"]]
+    sophia = name.startswith("sophia")
+    if sophia:  # a positive Hessian EMA in place, without update_hessian's temporaries
+        for p in all_params:
+            opt._state(p)["hessian"].uniform_(0.0, 1e-4, generator=gen)
+    # Peak while stepping: parameters, gradients, optimizer state and the step's temporaries.
+    can_reset = reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu_times = [], []
+    for i in range(warmup + iters):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        opt.step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+    step_peak = proc_status_mib("VmHWM") if can_reset else None
+    cuda_peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
+
+    hessian_ms = hessian_peak = None
+    if sophia:
+        h_hat = [torch.rand(p.shape, generator=gen, device=device) * 1e-2 for p in all_params]
+        hessian_times = []
+        for i in range(3):
+            if i == 2:  # the peak of one call beyond the state and the estimate
+                before, can_reset = proc_status_mib("VmRSS"), reset_peak_rss()
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated() / 2 ** 20
+            sync(device)
+            t0 = time.perf_counter()
+            opt.update_hessian(h_hat)
+            sync(device)
+            hessian_times.append(time.perf_counter() - t0)
+        if device == "cuda":
+            hessian_peak = torch.cuda.max_memory_allocated() / 2 ** 20 - before
+        elif can_reset and before is not None:
+            hessian_peak = proc_status_mib("VmHWM") - before
+        hessian_ms = statistics.median(hessian_times) * 1000
+        del h_hat
+    state_mib = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                    if torch.is_tensor(t)) / 2 ** 20
+    stats = opt.stats() if sophia else {}
+    return {
+        "name": name, "device": device, "n_params": n_params, "step_ms": statistics.median(times) * 1000,
+        "step_ms_all": [t * 1000 for t in times], "step_cpu_ms_all": [t * 1000 for t in cpu_times],
+        "hessian_ms": hessian_ms, "hessian_peak_mib": hessian_peak, "threads": torch.get_num_threads(),
+        "peak_rss_mib": step_peak if step_peak is not None else rss_mib(), "baseline_rss_mib": baseline_rss,
+        "state_mib": state_mib, "params_mib": n_params * 4 / 2 ** 20,
+        "cuda_peak_mib": cuda_peak, "win_rate": stats.get("win_rate"),
+    }
+
+
+def make_optimizer(name: str, groups: list[dict]):
+    import torch
+
+    if name == "adamw_fused":
+        return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)
+    if name == "adamw_foreach":
+        return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), foreach=True)
+    if name == "lion":
+        from lion_pytorch import Lion
+        return Lion(groups, lr=1e-4, betas=(0.9, 0.99))
+    from sophia import SophiaG
+    parts = name.split("_")
+    kwargs = {"stats_every": int(parts[2][1:])} if len(parts) > 2 else {}
+    return SophiaG(groups, lr=6e-4, betas=(0.965, 0.99), rho=0.05, impl=parts[1], **kwargs)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def worker_train(optimizer_name: str, impl: str, iters: int, out_dir: str) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    import train
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline_rss = rss_mib()
+    batch_size = 12  # the config's
+    argv = [
+        "config/train_shakespeare_char.py", f"--out_dir={out_dir}", f"--optimizer_name={optimizer_name}",
+        f"--optimizer_impl={impl}", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+        f"--eval_interval={iters}", "--eval_iters=1", "--log_interval=10", "--hess_interval=10",
+        f"--batch_size={batch_size}", f"--hess_batch_size={batch_size // 2}", f"--device={device}",
+        "--wandb_log=False", "--always_save_checkpoint=False",
+    ]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train.main(argv)
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if r["kind"] == "train"]
+    steady = windows[1:] or windows  # the first window holds warmup and compilation
+    return {
+        "optimizer": optimizer_name, "impl": impl, "device": device, "threads": torch.get_num_threads(),
+        "time_ms": statistics.median(r["time_ms"] for r in steady),
+        "time_ms_mean": statistics.mean(r["time_ms"] for r in steady),
+        "windows_ms": [r["time_ms"] for r in windows],
+        "estimator_ms": statistics.mean(r["estimator_ms"] for r in steady) if "estimator_ms" in steady[0] else None,
+        "peak_rss_mib": rss_mib(), "baseline_rss_mib": baseline_rss,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None,
+    }
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def run_worker(args: list[str], timeout: float, threads: int = 0) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(threads), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise RuntimeError(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        dev = f"CUDA: {torch.cuda.get_device_name()}"
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        dev = f"CPU: {model}"
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = f", load average {os.getloadavg()[0]:.1f} at start"
+    return f"torch {torch.__version__}, {dev}, {os.cpu_count()} CPUs, Python {platform.python_version()}{load}"
+
+
+def spread(values: list[float]) -> str:
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.1f}"
+    return f"{med:.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def bench_step(iters: int, warmup: int, repeats: int, threads: int = 0,
+               names: tuple[str, ...] = STEP_OPTIMIZERS) -> tuple[str, str, dict]:
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names:
+            print(f"step: {name} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
+            results[name].append(run_worker(["step", name, str(iters), str(warmup), str(r)], 3600, threads))
+    base = statistics.median(x["step_ms"] for x in results["adamw_fused"])
+    first = results["adamw_fused"][0]
+    base_min = min(t for x in results["adamw_fused"] for t in x["step_ms_all"])
+    base_cpu = min(t for x in results["adamw_fused"] for t in x["step_cpu_ms_all"])
+    lines = [(f"Optimizer step, GPT-2-small parameter shapes ({first['n_params'] / 1e6:.1f}M fp32 parameters, "
+             f"random gradients), device {first['device']}, {first['threads']} torch thread(s); {iters} timed "
+             f"steps after {warmup} warmup, {repeats} run(s). Median: median per run, then the median (min-max) "
+             "over runs; min: the fastest step of all runs; CPU: process time of the fastest step (all "
+             "threads), the least disturbed by other jobs on a shared machine. sophiag_*_s10: "
+             "stats_every=10."), "",
+             ("| optimizer | median ms | vs fused AdamW | min ms | vs fused AdamW | CPU ms (min) | vs fused AdamW "
+              "| update_hessian ms (every k steps) |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        ms = [x["step_ms"] for x in results[name]]
+        fastest = min(t for x in results[name] for t in x["step_ms_all"])
+        cpu = min(t for x in results[name] for t in x["step_cpu_ms_all"])
+        hess = [x["hessian_ms"] for x in results[name] if x["hessian_ms"] is not None]
+        lines.append(f"| {name} | {spread(ms)} | {statistics.median(ms) / base:.2f}x | {fastest:.1f} | "
+                     f"{fastest / base_min:.2f}x | {cpu:.1f} | {cpu / base_cpu:.2f}x | "
+                     f"{spread(hess) if hess else '-'} |")
+    mem = step_memory_table(results)
+    return "\n".join(lines), mem, results
+
+
+def bench_train(iters: int, repeats: int, threads: int = 0,
+                runs: tuple[tuple[str, str, str], ...] = TRAIN_RUNS) -> tuple[str, str, dict]:
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+    for r in range(repeats):
+        for label, name, impl in runs:
+            print(f"train: {label} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="bench_opt_") as out_dir:
+                results[label].append(run_worker(["train", name, impl, str(iters), out_dir], 3600, threads))
+    base = statistics.median(x["time_ms"] for x in results["adamw"])
+    device = results["adamw"][0]["device"]
+    threads = results["adamw"][0]["threads"]
+    lines = [(f"Training iteration, config/train_shakespeare_char.py ({iters} iterations, batch 12 x 64, "
+             f"hess_interval=10, hess_batch_size=6), device {device}, {threads} torch thread(s); median time_ms "
+             f"of the logged 10-iteration windows after the first, {repeats} run(s): median (min-max over runs)."), "",
+             "| optimizer | impl | iteration ms | vs AdamW | estimator ms per iteration |", "|---|---|---:|---:|---:|"]
+    for label, _, impl in runs:
+        ms = [x["time_ms"] for x in results[label]]
+        est = [x["estimator_ms"] for x in results[label] if x["estimator_ms"] is not None]
+        lines.append(f"| {label} | {impl} | {spread(ms)} | {statistics.median(ms) / base:.3f}x | "
+                     f"{spread(est) if est else '-'} |")
+    mem = train_memory_table(results)
+    return "\n".join(lines), mem, results
+
+
+def step_memory_table(results: dict[str, list[dict]]) -> str:
+    first = results["adamw_fused"][0]
+    cuda = first["cuda_peak_mib"] is not None
+    key = "cuda_peak_mib" if cuda else "peak_rss_mib"
+    base = statistics.median(x[key] for x in results["adamw_fused"])
+    how = ("torch.cuda.max_memory_allocated while stepping" if cuda else
+           "peak RSS of the subprocess while stepping (VmHWM reset just before the first step), which "
+           f"includes the interpreter and torch (about {first['baseline_rss_mib']:.0f} MiB after imports)")
+    lines = [(f"Peak memory, step benchmark ({first['params_mib']:.0f} MiB of parameters and as much of "
+             f"gradients): {how}. update_hessian: the peak beyond the state and the estimate, of one call."), "",
+             "| optimizer | optimizer state MiB | peak MiB | vs fused AdamW | update_hessian extra MiB |",
+             "|---|---:|---:|---:|---:|"]
+    for label, runs in results.items():
+        peak = statistics.median(x[key] for x in runs)
+        extra = [x["hessian_peak_mib"] for x in runs if x["hessian_peak_mib"] is not None]
+        lines.append(f"| {label} | {statistics.median(x['state_mib'] for x in runs):.0f} | {peak:.0f} | "
+                     f"{peak / base:.3f}x | {f'{statistics.median(extra):.0f}' if extra else '-'} |")
+    return "\n".join(lines)
+
+
+def train_memory_table(results: dict[str, list[dict]]) -> str:
+    first = results["adamw"][0]
+    cuda = first["cuda_peak_mib"] is not None
+    key = "cuda_peak_mib" if cuda else "peak_rss_mib"
+    base = statistics.median(x[key] for x in results["adamw"])
+    if cuda:
+        lines = ["Peak memory, training runs: torch.cuda.max_memory_allocated (MiB).", "",
+                 "| optimizer | peak MiB | vs AdamW |", "|---|---:|---:|"]
+    else:
+        lines = [("Peak memory, training runs: peak RSS of each subprocess (MiB), which includes the "
+                 "interpreter, torch and everything train.py imports; the RSS after imports is shown, and "
+                 "the growth beyond it (model, optimizer, data, activations) compared with AdamW's."), "",
+                 "| optimizer | peak RSS MiB | vs AdamW | RSS after imports MiB | growth MiB | growth vs AdamW |",
+                 "|---|---:|---:|---:|---:|---:|"]
+    base_growth = statistics.median(x[key] - x["baseline_rss_mib"] for x in results["adamw"])
+    for label, runs in results.items():
+        peak = statistics.median(x[key] for x in runs)
+        if cuda:
+            lines.append(f"| {label} | {peak:.0f} | {peak / base:.3f}x |")
+        else:
+            after = statistics.median(x["baseline_rss_mib"] for x in runs)
+            growth = statistics.median(x[key] - x["baseline_rss_mib"] for x in runs)
+            lines.append(f"| {label} | {peak:.0f} | {peak / base:.3f}x | {after:.0f} | {growth:.0f} | "
+                         f"{growth / base_growth:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        threads, kind, *rest = sys.argv[2:]
+        if int(threads) > 0:
+            import torch
+            torch.set_num_threads(int(threads))
+        if kind == "step":
+            name, iters, warmup, seed = rest
+            result = worker_step(name, int(iters), int(warmup), int(seed))
+        else:
+            name, impl, iters, out_dir = rest
+            result = worker_train(name, impl, int(iters), out_dir)
+        print(MARK + json.dumps(result), flush=True)
+        return
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--what", choices=("step", "train", "memory", "all"), default="all")
+    parser.add_argument("--iters", type=int, default=10, help="timed optimizer steps per run (step)")
+    parser.add_argument("--train-iters", type=int, default=80, help="iterations of each training run (train)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before timing (step)")
+    parser.add_argument("--repeats", type=int, default=1, help="run every measurement this many times")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated subset of the runs, e.g. adamw_fused,sophiag_compiled,adamw,sophiag "
+                             f"(step: {', '.join(STEP_OPTIMIZERS)}; train: {', '.join(r[0] for r in TRAIN_RUNS)}); "
+                             "the baselines adamw_fused and adamw are always run")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads in every run (default: torch's default)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the Markdown to this file")
+    parser.add_argument("--raw", type=Path, default=None, help="write every measurement as JSON to this file")
+    args = parser.parse_args()
+
+    sections, raw = [f"Machine: {machine()}"], {}
+    only = set(args.only.split(",")) | {"adamw_fused", "adamw"} if args.only else None
+    step_names = tuple(n for n in STEP_OPTIMIZERS if only is None or n in only)
+    train_runs = tuple(r for r in TRAIN_RUNS if only is None or r[0] in only)
+    if args.what in ("step", "memory", "all"):
+        table, mem, raw["step"] = bench_step(args.iters, args.warmup, args.repeats, args.threads, step_names)
+        if args.what != "memory":
+            sections.append(table)
+        if args.what in ("memory", "all"):
+            sections.append(mem)
+    if args.what in ("train", "memory", "all"):
+        if args.train_iters < 20:
+            parser.error("--train-iters must be >= 20 (the first 10-iteration window is left out)")
+        table, mem, raw["train"] = bench_train(args.train_iters, args.repeats, args.threads, train_runs)
+        if args.what != "memory":
+            sections.append(table)
+        if args.what in ("memory", "all"):
+            sections.append(mem)
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    if args.raw is not None:
+        args.raw.write_text(json.dumps(raw, indent=1))
+
+
+if __name__ == "__main__":
+    main()
