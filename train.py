@@ -268,10 +268,21 @@ class HessianEstimator:
         # Same seed on every rank: the draws are shared and sliced (see the estimators).
         gen_device = device if device.startswith("cuda") else "cpu"
         self.generator = torch.Generator(device=gen_device).manual_seed(cfg.seed + 7919)
-        self.seconds = 0.0
+        # Time spent in the estimator. On CUDA, events: a host clock would time kernel launches only.
+        self.cuda = device.startswith("cuda")
+        self.seconds, self.events = 0.0, []
+
+    def take_seconds(self) -> float:
+        """Seconds spent in the estimator since the last call (syncs with CUDA events)."""
+        seconds = self.seconds + sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        self.seconds, self.events = 0.0, []
+        return seconds
 
     def __call__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         chunks, left = [], self.local_sequences
         for x, y in batches:
             if left <= 0:
@@ -285,7 +296,12 @@ class HessianEstimator:
         else:
             h_hat = hutchinson_hessian(self.model, self.params, chunks, self.generator, self.autocast, scale)
         self.optimizer.update_hessian(h_hat)
-        self.seconds += time.perf_counter() - t0
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((start, end))
+        else:
+            self.seconds += time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- FSDP2
@@ -765,11 +781,10 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
                     stats = optimizer.stats()
                     if math.isnan(stats["win_rate"]):  # no step counted since the last line (stats_every)
                         del stats["win_rate"]
-                    record.update(stats, estimator_ms=estimator.seconds * 1000 / steps_since_log)
+                    record.update(stats, estimator_ms=estimator.take_seconds() * 1000 / steps_since_log)
                     if "win_rate" in stats:
                         line += f", win {stats['win_rate']:.3f}"
                     line += f", |h| {stats['hessian_norm']:.3g}"
-                    estimator.seconds = 0.0
                 if master:
                     print(line)
                 log(record)
