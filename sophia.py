@@ -276,13 +276,13 @@ _FOREACH_GROUP_DEFAULT = 1 << 24  # <= 2^24 also keeps the float32 counts exact
 
 
 def _groups(tensor_lists: list[list[Tensor]], limit: int):
-    """Aligned lists of flat views of the tensors, cut into groups of <= `limit` elements
-    (a non-contiguous tensor goes whole). Yields (views per list, elements in the group)."""
+    """The aligned tensor lists cut into groups of <= `limit` elements: a larger tensor is cut
+    into flat views (unless it is not contiguous: then it goes whole). Yields (lists, size)."""
     group, size = [[] for _ in tensor_lists], 0
     for tensors in zip(*tensor_lists):
         n = tensors[0].numel()
-        whole = not all(t.is_contiguous() for t in tensors)
-        for start in range(0, n, n if whole else limit):
+        whole = n <= limit or not all(t.is_contiguous() for t in tensors)
+        for start in [None] if whole else range(0, n, limit):
             length = n if whole else min(limit, n - start)
             if size and size + length > limit:
                 yield group, size
