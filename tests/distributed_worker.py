@@ -2,11 +2,13 @@
 
     RANK=r LOCAL_RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 python tests/distributed_worker.py RUNS.json
 
-(the environment torchrun gives each rank). RUNS.json lists runs, {"dump": folder, "port":
-MASTER_PORT, "argv": [train.py arguments]}, trained one after the other in the same
-processes, so the interpreters and torch start once for all of them. train.main sets up and
-tears down its process group each time; each run has a port of its own, so a new group never
-meets the keys an earlier one left in a store (gloo's rendezvous can hang on them).
+(the environment torchrun gives each rank, less MASTER_PORT). RUNS.json lists runs, {"dump":
+folder, "argv": [train.py arguments]}, trained one after the other in the same processes, so
+the interpreters and torch start once for all of them. train.main sets up and tears down its
+process group each time; each run has a port of its own, so a new group never meets the keys
+an earlier one left in a store (gloo's rendezvous can hang on them). Rank 0 picks each port
+just before its run and passes it to the others in <dump>/port: a port picked minutes ahead
+can meanwhile be taken by one of the earlier runs' own connections.
 
 After each run every rank writes <dump>/rank<r>.pt: its model's and its optimizer's state
 dicts with each tensor as this rank holds it (its own shard under FSDP2), and what
@@ -16,15 +18,15 @@ optimizer, so train.py needs no test hook.
 
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train
-
-torch.set_num_threads(1)  # speed only: the ranks share a small machine
 
 
 def local(value):
@@ -40,7 +42,31 @@ def local(value):
     return value
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the tests' rendezvous ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agree_on_port(dump: Path, rank: int, timeout: float = 120) -> str:
+    """A free port for this run's rendezvous: rank 0 picks it, the others read it."""
+    path = dump / "port"
+    if rank == 0:
+        dump.mkdir(parents=True, exist_ok=True)
+        tmp = dump / "port.tmp"
+        tmp.write_text(str(free_port()))
+        tmp.rename(path)  # atomic: a reader never sees a half-written number
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 never wrote {path}")
+        time.sleep(0.05)
+    return path.read_text()
+
+
 def main() -> None:
+    torch.set_num_threads(1)  # speed only: the ranks share a small machine
     runs = json.loads(Path(sys.argv[1]).read_text())
     rank = int(os.environ.get("RANK", "0"))
     built = {}
@@ -54,11 +80,11 @@ def main() -> None:
     train.build_optimizer = catching_build_optimizer
     for run in runs:
         built.clear()
-        os.environ["MASTER_PORT"] = str(run["port"])
+        dump = Path(run["dump"])
+        os.environ["MASTER_PORT"] = agree_on_port(dump, rank)
         result = train.main(run["argv"])
         state = {"model": local(built["model"].state_dict()), "optimizer": local(built["optimizer"].state_dict()),
                  "result": result}
-        dump = Path(run["dump"])
         dump.mkdir(parents=True, exist_ok=True)
         torch.save(state, dump / f"rank{rank}.pt")
 

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 import torch
 
 import train
+from distributed_worker import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -83,23 +83,12 @@ def single_process(out_dir: Path, *args: str) -> Run:
     return Run(out_dir, result)
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:  # all bound at once: n different ports
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def launch(runs: dict[str, list[str]], root: Path, timeout: float = 300) -> dict[str, Run]:
     """Train `runs` ({name: train.py arguments}) on WORLD ranks, one after the other in the
     same processes; each run writes to root/name (its checkpoints, metrics.jsonl, and the
     ranks' final states under ranks/)."""
-    spec = [{"dump": str(root / name / "ranks"), "port": port, "argv": [*TINY, f"--out_dir={root / name}", *args]}
-            for (name, args), port in zip(runs.items(), free_ports(len(runs)))]
+    spec = [{"dump": str(root / name / "ranks"), "argv": [*TINY, f"--out_dir={root / name}", *args]}
+            for name, args in runs.items()]
     spec_file = root / f"launch-{'-'.join(runs)}.json"
     spec_file.write_text(json.dumps(spec))
     procs, logs = [], []
@@ -379,7 +368,7 @@ def test_sophiah_with_fsdp_is_refused_at_startup_with_one_line(tmp_path):
     which would otherwise wait for rank 1. Hutchinson differentiates twice with respect to
     the parameters, which FSDP2 swaps for gathered copies during the forward."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_ports(1)[0]), "OMP_NUM_THREADS": "1"}
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "train.py", *TINY, f"--out_dir={tmp_path}", "--fsdp=True",
                              *OPTIMIZERS["sophiah"]],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)

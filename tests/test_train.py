@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 import train
+from distributed_worker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAR_VOCAB = 84  # shakespeare_char's vocabulary size (meta.json)
@@ -429,12 +429,6 @@ def test_empty_token_file_is_refused(capsys, out_dir, make_dataset):
 def test_odd_sized_token_file_is_refused(capsys, out_dir, make_dataset):
     name = make_dataset(val_ids=char_ids(), meta=CHAR_META, raw={"train.bin": b"\x01" * 2001})
     expect_user_error(capsys, out_dir, [f"--dataset={name}"], "train.bin has an odd size")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_accumulation_steps_not_divisible_by_world_size_fails_before_process_group(tmp_path):
