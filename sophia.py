@@ -9,6 +9,10 @@ Two parts, kept apart so the training loop stays one loop:
   * the estimators (`gnb_hessian`, `hutchinson_hessian`), functions of the model and a
     batch that return h_hat for every parameter; the loop calls one every k steps.
 
+Two options exist only for the paper's ablations (Fig. 7b, 7c): clip=False drops the clip
+(theta <- theta - lr m / max(rho h, eps)), and sqrt_hessian=True divides by rho sqrt(h),
+with h an EMA of squared estimates (the AdaHessian-style pre-conditioner).
+
 Where h <= 0 the ratio m / eps is huge, so the clip turns the update into lr sign(m): the
 paper's fallback to sign momentum, never a step uphill (the reference implementation's
 |m| / (rho h) reverses the sign of m when h < 0).
@@ -58,11 +62,15 @@ class Sophia(torch.optim.Optimizer):
             stats_every-th step only, e.g. the logging interval: the count is one more read
             of m and h per step, about a quarter of the compiled update's memory traffic.
             win_rate is then the fraction over the counted steps.
+        clip: ablation only; False updates by lr m / max(rho h, eps) unclipped.
+        sqrt_hessian: ablation only; True divides by max(rho sqrt(h), eps): feed it squared
+            estimates for an AdaHessian-style pre-conditioner.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, eps: float = 1e-12,
-                 maximize: bool = False, impl: str = "auto", stats_every: int = 1):
+                 maximize: bool = False, impl: str = "auto", stats_every: int = 1, *,
+                 clip: bool = True, sqrt_hessian: bool = False):
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
         if not rho >= 0.0:
@@ -79,7 +87,7 @@ class Sophia(torch.optim.Optimizer):
         if impl not in IMPLEMENTATIONS + ("auto",):
             raise ValueError(f"invalid impl={impl!r}: choose one of {IMPLEMENTATIONS + ('auto',)}")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
-                        maximize=maximize)
+                        maximize=maximize, clip=clip, sqrt_hessian=sqrt_hessian)
         super().__init__(params, defaults)
         self.impl = impl
         self.stats_every = stats_every
@@ -172,7 +180,8 @@ class Sophia(torch.optim.Optimizer):
             impl = self._resolve_impl(params[0].device, any_dtensor)
             args = (params, grads, exp_avgs, hessians)
             kwargs = dict(beta1=beta1, rho=group["rho"], weight_decay=group["weight_decay"],
-                          eps=group["eps"], maximize=group["maximize"], count=count)
+                          eps=group["eps"], maximize=group["maximize"], count=count,
+                          clip=group.get("clip", True), sqrt_hessian=group.get("sqrt_hessian", False))
             if impl == "reference":
                 unclipped = _update_reference(*args, lr=group["lr"], **kwargs)
             elif impl == "foreach":
@@ -237,8 +246,8 @@ class SophiaG(Sophia):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.05, weight_decay: float = 0.2, eps: float = 1e-12,
-                 maximize: bool = False, impl: str = "auto", stats_every: int = 1):
-        super().__init__(params, lr, betas, rho, weight_decay, eps, maximize, impl, stats_every)
+                 maximize: bool = False, impl: str = "auto", stats_every: int = 1, **ablations):
+        super().__init__(params, lr, betas, rho, weight_decay, eps, maximize, impl, stats_every, **ablations)
 
 
 class SophiaH(Sophia):
@@ -247,8 +256,8 @@ class SophiaH(Sophia):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.01, weight_decay: float = 0.2, eps: float = 1e-12,
-                 maximize: bool = False, impl: str = "auto", stats_every: int = 1):
-        super().__init__(params, lr, betas, rho, weight_decay, eps, maximize, impl, stats_every)
+                 maximize: bool = False, impl: str = "auto", stats_every: int = 1, **ablations):
+        super().__init__(params, lr, betas, rho, weight_decay, eps, maximize, impl, stats_every, **ablations)
 
 
 # ----------------------------------------------------------------------------- update rules
@@ -256,16 +265,16 @@ class SophiaH(Sophia):
 # (with count=False the count is skipped and the value is meaningless).
 
 def _update_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
-                      maximize, count=True) -> Tensor:
+                      maximize, count=True, clip=True, sqrt_hessian=False) -> Tensor:
     unclipped = torch.zeros((), dtype=torch.float64, device=params[0].device)
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
         g = -g if maximize else g
         m.lerp_(g, 1.0 - beta1)
         p.mul_(1.0 - lr * weight_decay)
-        ratio = m / torch.clamp(rho * h, min=eps)
+        ratio = m / torch.clamp(rho * (h.sqrt() if sqrt_hessian else h), min=eps)
         if count:
             unclipped += (ratio.abs() < 1).sum()
-        p.add_(ratio.clamp(-1.0, 1.0), alpha=-lr)
+        p.add_(ratio.clamp(-1.0, 1.0) if clip else ratio, alpha=-lr)
     return unclipped
 
 
@@ -295,7 +304,7 @@ def _groups(tensor_lists: list[list[Tensor]], limit: int):
 
 
 def _update_foreach(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
-                    maximize, count=True) -> Tensor | None:
+                    maximize, count=True, clip=True, sqrt_hessian=False) -> Tensor | None:
     clipped = []
     limit = _FOREACH_GROUP.get(params[0].device.type, _FOREACH_GROUP_DEFAULT)
     for (p, g, m, h), size in _groups([params, grads, exp_avgs, hessians], limit):
@@ -305,18 +314,25 @@ def _update_foreach(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight
         if weight_decay != 0.0:
             torch._foreach_mul_(p, 1.0 - lr * weight_decay)
         # One temporary list, reused in place: max(rho h, eps), then m / it, then the clip.
-        ratio = torch._foreach_mul(h, rho)
+        if sqrt_hessian:
+            ratio = torch._foreach_sqrt(h)
+            torch._foreach_mul_(ratio, rho)
+        else:
+            ratio = torch._foreach_mul(h, rho)
         torch._foreach_clamp_min_(ratio, eps)
         for m_i, r in zip(m, ratio):
             torch.div(m_i, r, out=r)
-        torch._foreach_clamp_min_(ratio, -1.0)
-        torch._foreach_clamp_max_(ratio, 1.0)
+        if clip:
+            torch._foreach_clamp_min_(ratio, -1.0)
+            torch._foreach_clamp_max_(ratio, 1.0)
         torch._foreach_add_(p, ratio, alpha=-lr)
         if not count:
             continue
         # Count in place: floor(|clipped ratio|) is 1 where the ratio was clipped, 0 where
         # |ratio| < 1; NaN counts as clipped, as in the reference. Sums of <= 2^24 ones are exact.
         torch._foreach_abs_(ratio)
+        if not clip:
+            torch._foreach_clamp_max_(ratio, 1.0)
         torch._foreach_floor_(ratio)
         for r in ratio:
             r.nan_to_num_(nan=1.0)
@@ -330,7 +346,7 @@ def _update_foreach(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight
 
 
 def _update_fused(params, grads, exp_avgs, hessians, lr: Tensor, beta1: float, rho: float,
-                  weight_decay: float, eps: float, maximize: bool) -> None:
+                  weight_decay: float, eps: float, maximize: bool, clip: bool, sqrt_hessian: bool) -> None:
     """One elementwise expression per tensor, for inductor to fuse: reads p, g, m, h and
     writes p, m (24 bytes per fp32 parameter). The count of unclipped coordinates is a
     separate kernel: inductor does not fuse a reduction into a loop that stores, so counting
@@ -338,14 +354,14 @@ def _update_fused(params, grads, exp_avgs, hessians, lr: Tensor, beta1: float, r
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
         g = -g if maximize else g
         m_new = torch.lerp(m, g, 1.0 - beta1)
-        ratio = m_new / torch.clamp(h * rho, min=eps)
+        ratio = m_new / torch.clamp((h.sqrt() if sqrt_hessian else h) * rho, min=eps)
         m.copy_(m_new)
-        p.copy_(p * (1.0 - lr * weight_decay) - lr * ratio.clamp(-1.0, 1.0))
+        p.copy_(p * (1.0 - lr * weight_decay) - lr * (ratio.clamp(-1.0, 1.0) if clip else ratio))
 
 
-def _count_unclipped(exp_avgs, hessians, rho: float, eps: float) -> Tensor:
+def _count_unclipped(exp_avgs, hessians, rho: float, eps: float, sqrt_hessian: bool) -> Tensor:
     """Coordinates with |m / max(rho h, eps)| < 1, from the updated m."""
-    return torch.stack([((m / torch.clamp(h * rho, min=eps)).abs() < 1).sum()
+    return torch.stack([((m / torch.clamp((h.sqrt() if sqrt_hessian else h) * rho, min=eps)).abs() < 1).sum()
                         for m, h in zip(exp_avgs, hessians)]).sum().double()
 
 
@@ -354,13 +370,13 @@ _compiled_count = None
 
 
 def _update_compiled(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
-                     maximize, count=True) -> Tensor | None:
+                     maximize, count=True, clip=True, sqrt_hessian=False) -> Tensor | None:
     global _compiled_fused, _compiled_count
     if _compiled_fused is None:
         _compiled_fused = torch.compile(_update_fused, fullgraph=True, dynamic=False)
         _compiled_count = torch.compile(_count_unclipped, fullgraph=True, dynamic=False)
-    _compiled_fused(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize)
-    return _compiled_count(exp_avgs, hessians, rho, eps) if count else None
+    _compiled_fused(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize, clip, sqrt_hessian)
+    return _compiled_count(exp_avgs, hessians, rho, eps, sqrt_hessian) if count else None
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -393,7 +409,8 @@ def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
 
 
 def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tensor], generator: torch.Generator,
-                rank: int = 0, world_size: int = 1, autocast=None, loss_scale: float = 1.0) -> list[Tensor]:
+                rank: int = 0, world_size: int = 1, autocast=None, loss_scale: float = 1.0,
+                targets: list[Tensor] | None = None) -> list[Tensor]:
     """Gauss-Newton-Bartlett estimate (paper Algorithm 2): h_hat = B g_hat * g_hat, where
     g_hat is the gradient of the mean cross-entropy against labels sampled from the
     model's own softmax over B predictions (all tokens of the estimator's batch, over all
@@ -405,6 +422,9 @@ def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tenso
     be empty on entry and is left empty. `generator` must be seeded identically on every
     rank: each rank draws the uniforms of the whole global batch and uses its own slice, so
     2 ranks compute exactly what one process computes on the same data.
+
+    With `targets` (the data's labels, aligned with `inputs`) nothing is sampled: B g * g of
+    the ordinary loss, the empirical Fisher diagonal (the paper's E-F ablation, Fig. 7b).
     """
     if any(p.grad is not None for p in params):
         raise RuntimeError("gnb_hessian needs empty .grad: call it before the step's backward "
@@ -420,7 +440,7 @@ def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tenso
             logits, _ = model(x)
         u = uniforms[offset:offset + x.numel()].view(x.shape)
         offset += x.numel()
-        y = sample_labels(logits.detach(), u)
+        y = sample_labels(logits.detach(), u) if targets is None else targets[i]
         # Sum here and divide by the rank's prediction count: the mean over all local tokens.
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
                                reduction="sum") / local_preds

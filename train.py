@@ -72,6 +72,8 @@ rho = 0.05  # Sophia's clipping scale gamma (paper: 0.05 for Sophia-G, 0.01 for 
 hess_interval = 10  # Sophia: steps between Hessian estimates (k)
 hess_batch_size = 240  # Sophia: sequences in each Hessian estimate, over all ranks
 optimizer_impl = "auto"  # Sophia's update kernels: 'auto', 'reference', 'foreach' or 'compiled'
+hess_estimator = "auto"  # Sophia's estimator: 'auto' (sophiag: 'gnb', sophiah: 'hutchinson'); ablations: 'empirical_fisher', 'adahessian'
+sophia_clip = True  # Sophia's per-coordinate clip to [-1, 1]; False only for the no-clipping ablation
 # learning rate schedule
 decay_lr = True  # linear warmup then cosine decay; False keeps learning_rate constant
 warmup_iters = 2000  # steps of linear warmup
@@ -86,11 +88,23 @@ seed = 1337  # seeds model init, data order and the estimator's random draws
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: globals()[k] for k in configurator.config_keys(dict(globals()))}
 OPTIMIZERS = ("adamw", "lion", "sophiag", "sophiah")
+# Sophia's diagonal pre-conditioners (paper Fig. 7b): GNB (Sophia-G), Hutchinson (Sophia-H),
+# and for ablations the empirical Fisher (GNB with the data's labels instead of sampled ones)
+# and AdaHessian's (the square root of an EMA of squared Hutchinson estimates).
+ESTIMATORS = ("gnb", "hutchinson", "empirical_fisher", "adahessian")
+SECOND_ORDER = ("hutchinson", "adahessian")  # need a Hessian-vector product (double backward)
 
 
 class Config(dict):
     """The run's settings; attribute access keeps the loop readable."""
     __getattr__ = dict.__getitem__
+
+
+def hess_estimator(cfg: Config) -> str:
+    """The estimator a Sophia run uses: hess_estimator, or the optimizer's own for 'auto'."""
+    if cfg.hess_estimator == "auto":
+        return "gnb" if cfg.optimizer_name == "sophiag" else "hutchinson"
+    return cfg.hess_estimator
 
 
 # ----------------------------------------------------------------------------- setup
@@ -117,10 +131,16 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                         f"the world size {world_size}; make it a multiple of {world_size}")
-    if cfg.fsdp and cfg.optimizer_name == "sophiah":
-        raise UserError("fsdp=True does not work with optimizer_name='sophiah': Hutchinson's Hessian-vector product "
-                        "differentiates twice with respect to the parameters, which FSDP2 replaces by gathered copies "
-                        "during the forward; use --optimizer_name=sophiag, or DDP (--fsdp=False)")
+    if cfg.hess_estimator not in ("auto", *ESTIMATORS):
+        raise UserError(f"hess_estimator={cfg.hess_estimator!r} is unknown; choose one of auto, {', '.join(ESTIMATORS)}")
+    if cfg.hess_estimator != "auto" and not cfg.optimizer_name.startswith("sophia"):
+        raise UserError(f"hess_estimator={cfg.hess_estimator!r} is for Sophia, not optimizer_name="
+                        f"{cfg.optimizer_name!r}; use --optimizer_name=sophiag or sophiah, or drop hess_estimator")
+    if cfg.fsdp and cfg.optimizer_name.startswith("sophia") and hess_estimator(cfg) in SECOND_ORDER:
+        raise UserError(f"fsdp=True does not work with optimizer_name={cfg.optimizer_name!r} and the "
+                        f"{hess_estimator(cfg)} estimator: its Hessian-vector product differentiates twice with "
+                        "respect to the parameters, which FSDP2 replaces by gathered copies during the forward; "
+                        "use --optimizer_name=sophiag, or DDP (--fsdp=False)")
     if cfg.optimizer_name.startswith("sophia"):
         local_accum = cfg.gradient_accumulation_steps // world_size
         if cfg.hess_batch_size <= 0 or cfg.hess_batch_size % world_size:
@@ -247,12 +267,12 @@ def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Op
     cls = SophiaG if cfg.optimizer_name == "sophiag" else SophiaH
     # The win rate is sampled on the step before each log line: counting costs an extra read of m and h.
     return cls(groups, lr=cfg.learning_rate, betas=betas, rho=cfg.rho, impl=cfg.optimizer_impl,
-               stats_every=cfg.log_interval)
+               stats_every=cfg.log_interval, clip=cfg.sophia_clip, sqrt_hessian=hess_estimator(cfg) == "adahessian")
 
 
 class HessianEstimator:
     """Sophia's estimator pass: picks the step's first `hess_batch_size` sequences, calls
-    gnb_hessian or hutchinson_hessian, and folds the result into the optimizer."""
+    gnb_hessian or hutchinson_hessian (see ESTIMATORS), and folds the result into the optimizer."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, eager_model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, rank: int, world_size: int, autocast, loss_scale,
@@ -261,7 +281,8 @@ class HessianEstimator:
         # GNB goes through the training model (compiled, DDP-wrapped: it averages g_hat over
         # ranks). Hutchinson needs a double backward, which neither torch.compile nor DDP
         # supports: the eager module, with H u all-reduced by hand.
-        self.model = model if cfg.optimizer_name == "sophiag" else eager_model
+        self.method = hess_estimator(cfg)
+        self.model = eager_model if self.method in SECOND_ORDER else model
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.autocast, self.loss_scale = autocast, loss_scale
         self.local_sequences = cfg.hess_batch_size // world_size
@@ -290,11 +311,14 @@ class HessianEstimator:
             chunks.append((x[:left], y[:left]))
             left -= len(x)
         scale = self.loss_scale()
-        if self.cfg.optimizer_name == "sophiag":
-            h_hat = gnb_hessian(self.model, self.params, [x for x, _ in chunks], self.generator,
-                                self.rank, self.world_size, self.autocast, scale)
-        else:
+        if self.method in SECOND_ORDER:
             h_hat = hutchinson_hessian(self.model, self.params, chunks, self.generator, self.autocast, scale)
+            if self.method == "adahessian":
+                h_hat = [h * h for h in h_hat]
+        else:
+            targets = [y for _, y in chunks] if self.method == "empirical_fisher" else None
+            h_hat = gnb_hessian(self.model, self.params, [x for x, _ in chunks], self.generator,
+                                self.rank, self.world_size, self.autocast, scale, targets=targets)
         self.optimizer.update_hessian(h_hat)
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)

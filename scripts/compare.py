@@ -15,6 +15,11 @@ number of steps in every run: T x the baseline config's warmup_iters / max_iters
 across optimizers (data, batch, model, clipping, evaluation); weight decay and betas are
 each optimizer's own. Seeds (--seeds) change init, data order and estimator draws.
 
+Variants (--variant, repeatable) are further groups for ablations: "LABEL=OPT[:FRACTION]
+--key=value ..." runs OPT under the name LABEL with its own train.py overrides, at FRACTION of
+T (default 1), e.g. --variant "k1=sophiag --hess_interval=1"; --baseline may name one. A
+variant may not change the settings that keep the comparison fair (below).
+
 The config for optimizer OPT is --config_for OPT=FILE, else the variant <family>_OPT.py
 next to the base config (train_gpt2_small_adamw.py -> train_gpt2_small_sophiag.py,
 train_shakespeare_char.py -> train_shakespeare_char_sophiag.py) when it exists, else
@@ -22,7 +27,7 @@ train_shakespeare_char.py -> train_shakespeare_char_sophiag.py) when it exists, 
 --key=value arguments go to every run, after the config file.
 
 Each run is a subprocess `python train.py CONFIG --key=value ...` (the commands are
-printed) with out_dir <runs_dir>/<opt>_T<steps>_lr<lr>_s<seed> and its console output in
+printed) with out_dir <runs_dir>/<label>_T<steps>_lr<lr>_s<seed> (label: the optimizer or variant) and its console output in
 train.log there; --jobs N runs N at a time, each with --threads / N OpenMP threads. A run
 whose metrics.jsonl has an evaluation at max_iters is finished and not rerun; any other
 (unfinished, crashed, failed) is started again with --init_from=auto, which resumes from
@@ -34,7 +39,7 @@ validation loss; the ratio is T / those steps ("2.0x" is the paper's claim for S
 
 Writes into runs_dir: results.md (tables), the plots of scripts/plot_compare.py, and
 results.json = {baseline, T, seeds, lr_grid, train_args, target_val_loss, groups: [one per
-optimizer and budget: {optimizer, fraction, steps, config, warmup_iters, min_lr_ratio,
+optimizer or variant and budget: {label, optimizer, overrides, fraction, steps, config, warmup_iters, min_lr_ratio,
 best_lr, best_at_edge, val_loss_mean, val_loss_std (final val loss at the best LR over
 seeds; null if every LR had a failed run), steps_to_target, speedup (null: not reached),
 lrs: [{lr, val_loss_mean, val_loss_std, runs: [{seed, out_dir, val_loss, state}]}],
@@ -54,7 +59,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +83,18 @@ FAIR_KEYS = ("dataset", "batch_size", "block_size", "gradient_accumulation_steps
 
 
 @dataclass(frozen=True)
+class Budget:
+    """An optimizer, or a variant of one (its own label and overrides), at a fraction of T."""
+    label: str
+    optimizer: str
+    fraction: float
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Group:
-    """One optimizer at one step budget, with its LR sweep."""
+    """One optimizer or variant at one step budget, with its LR sweep."""
+    label: str
     optimizer: str
     fraction: float
     steps: int
@@ -87,6 +102,7 @@ class Group:
     lrs: tuple[float, ...]
     min_lr_ratio: float
     warmup_iters: int
+    overrides: tuple[str, ...] = field(default=())  # a variant's own train.py overrides
 
 
 @dataclass(frozen=True)
@@ -108,7 +124,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("config", help="base config file, e.g. config/train_shakespeare_char.py")
     p.add_argument("--optimizers", default="adamw,sophiag",
                    help="comma list of OPT or OPT:FRACTION of T (default fractions: sophia 0.5, others 1)")
-    p.add_argument("--baseline", default="adamw", help="the optimizer whose tuned T-step loss is the target")
+    p.add_argument("--variant", action="append", default=[], metavar='"LABEL=OPT[:FRACTION] --key=value ..."',
+                   help="an extra group: OPT with its own overrides, named LABEL (repeatable)")
+    p.add_argument("--baseline", default="adamw",
+                   help="the optimizer or variant whose tuned T-step loss is the target")
     p.add_argument("--steps", type=int, help="T, the baseline's steps (default: the config's max_iters)")
     p.add_argument("--lr_grid", default="0.5,1,2", help="multipliers of each optimizer's configured learning_rate")
     p.add_argument("--lrs", action="append", default=[], metavar="OPT=LR,LR,...",
@@ -123,15 +142,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads shared out over the parallel runs (default: all cores)")
     args, extra = p.parse_known_args(argv)
-    for arg in extra:
-        if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"{arg}: expected a runner option (see --help) or a train.py override --key=value")
-        key = arg[2:].split("=", 1)[0]
-        if key in RUNNER_KEYS:
-            raise UserError(f"{arg}: the runner sets {key} for every run; use {RUNNER_KEYS[key]} instead")
+    check_overrides(extra, "expected a runner option (see --help) or a train.py override --key=value")
     if args.jobs < 1 or args.threads < 1:
         raise UserError("--jobs and --threads must be at least 1")
     return args, extra
+
+
+def check_overrides(items: list[str], expected: str) -> None:
+    for arg in items:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"{arg}: {expected}")
+        key = arg[2:].split("=", 1)[0]
+        if key in RUNNER_KEYS:
+            raise UserError(f"{arg}: the runner sets {key} for every run; use {RUNNER_KEYS[key]} instead")
 
 
 def comma_list(text: str, kind: type, what: str) -> list:
@@ -144,33 +167,67 @@ def comma_list(text: str, kind: type, what: str) -> list:
     return values
 
 
-def key_values(items: list[str], what: str) -> dict[str, str]:
-    """OPT=VALUE pairs of a repeatable option."""
+def key_values(items: list[str], what: str, names: tuple[str, ...] = train.OPTIMIZERS) -> dict[str, str]:
+    """NAME=VALUE pairs of a repeatable option, NAME one of `names`."""
     pairs = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in train.OPTIMIZERS:
-            raise UserError(f"{what} {item!r}: expected OPT=VALUE with OPT one of {', '.join(train.OPTIMIZERS)}")
+        if not sep or key not in names:
+            raise UserError(f"{what} {item!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
         pairs[key] = value
     return pairs
 
 
-def optimizer_budgets(text: str, baseline: str) -> list[tuple[str, float]]:
-    """(optimizer, fraction of T) pairs, the baseline at T first, duplicates dropped."""
-    budgets = [(baseline, 1.0)]
-    for item in comma_list(text, str, "--optimizers"):
-        name, _, fraction = item.strip().partition(":")
-        if name not in train.OPTIMIZERS:
-            raise UserError(f"--optimizers: unknown optimizer {name!r}; choose from {', '.join(train.OPTIMIZERS)}")
-        try:
-            value = float(fraction) if fraction else DEFAULT_FRACTIONS[name] if name != baseline else 1.0
-        except ValueError:
-            value = math.nan
-        if not value > 0:
-            raise UserError(f"--optimizers: {item!r} needs a positive fraction of T")
-        if (name, value) not in budgets:
-            budgets.append((name, value))
-    return budgets
+def optimizer_fraction(item: str, default: float, what: str) -> tuple[str, float]:
+    """OPT[:FRACTION] -> (OPT, fraction of T)."""
+    name, _, fraction = item.strip().partition(":")
+    if name not in train.OPTIMIZERS:
+        raise UserError(f"{what}: unknown optimizer {name!r}; choose from {', '.join(train.OPTIMIZERS)}")
+    try:
+        value = float(fraction) if fraction else default
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise UserError(f"{what}: {item!r} needs a positive fraction of T")
+    return name, value
+
+
+def parse_variant(text: str) -> Budget:
+    """'LABEL=OPT[:FRACTION] --key=value ...' -> Budget."""
+    words = shlex.split(text)
+    label, sep, spec = words[0].partition("=") if words else ("", "", "")
+    if not sep or not label.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise UserError(f"--variant {text!r}: expected LABEL=OPT[:FRACTION] --key=value ..., with a label of "
+                        "letters, digits, '_', '-' or '.'")
+    if label in train.OPTIMIZERS:
+        raise UserError(f"--variant {text!r}: the label {label!r} is an optimizer's name; pick another")
+    check_overrides(words[1:], f"in --variant {text!r}: expected train.py overrides --key=value")
+    name, fraction = optimizer_fraction(spec, 1.0, f"--variant {text!r}")
+    return Budget(label, name, fraction, tuple(words[1:]))
+
+
+def optimizer_budgets(text: str, baseline: str, variant_specs: list[str] = ()) -> list[Budget]:
+    """The groups to run: the baseline at T first, then --optimizers (duplicates dropped), then
+    the variants."""
+    variants = [parse_variant(v) for v in variant_specs]
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--variant: a label is used twice ({', '.join(labels)})")
+    by_label = {v.label: v for v in variants}
+    if baseline in by_label:
+        budgets = [Budget(baseline, by_label[baseline].optimizer, 1.0, by_label[baseline].overrides)]
+    elif baseline in train.OPTIMIZERS:
+        budgets = [Budget(baseline, baseline, 1.0)]
+    else:
+        raise UserError(f"--baseline={baseline!r} is neither an optimizer ({', '.join(train.OPTIMIZERS)}) "
+                        f"nor a --variant label")
+    for item in comma_list(text, str, "--optimizers") if text else []:
+        name = item.strip().partition(":")[0]
+        default = 1.0 if name == baseline else DEFAULT_FRACTIONS.get(name, 1.0)
+        name, fraction = optimizer_fraction(item, default, "--optimizers")
+        if Budget(name, name, fraction) not in budgets:
+            budgets.append(Budget(name, name, fraction))
+    return budgets + [v for v in variants if v.label != baseline]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -206,33 +263,37 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
     base = Path(args.config)
     if not base.is_file():
         raise UserError(f"config file {args.config} not found")
+    budgets = optimizer_budgets(args.optimizers, args.baseline, args.variant)
+    labels = tuple(dict.fromkeys((*train.OPTIMIZERS, *(b.label for b in budgets))))
     explicit_configs = key_values(args.config_for, "--config_for")
-    explicit_lrs = {k: comma_list(v, float, f"--lrs {k}") for k, v in key_values(args.lrs, "--lrs").items()}
+    explicit_lrs = {k: comma_list(v, float, f"--lrs {k}") for k, v in key_values(args.lrs, "--lrs", labels).items()}
     grid = comma_list(args.lr_grid, float, "--lr_grid")
     seeds = comma_list(args.seeds, int, "--seeds")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds={args.seeds}: a seed is listed twice")
-    budgets = optimizer_budgets(args.optimizers, args.baseline)
-    lengths = {len(v) for v in explicit_lrs.values()}
-    if any(name not in explicit_lrs for name, _ in budgets):
-        lengths.add(len(grid))
+
+    def explicit(b: Budget) -> list[float] | None:
+        return explicit_lrs.get(b.label) or explicit_lrs.get(b.optimizer)
+
+    lengths = {len(explicit(b)) if explicit(b) else len(grid) for b in budgets}
     if len(lengths) > 1:
         raise UserError(f"every optimizer needs the same number of LRs (grid density); got {sorted(lengths)} "
                         f"from --lr_grid and --lrs")
 
-    configs = {name: shown(optimizer_config(base, name, explicit_configs)) for name, _ in budgets}
-    resolved = {name: resolve([configs[name], *overrides, f"--optimizer_name={name}"]) for name in configs}
-    for name, cfg in resolved.items():
+    configs = {b.label: shown(optimizer_config(base, b.optimizer, explicit_configs)) for b in budgets}
+    resolved = {b.label: resolve([configs[b.label], *overrides, *b.overrides, f"--optimizer_name={b.optimizer}"])
+                for b in budgets}
+    baseline_cfg = resolved[budgets[0].label]
+    for label, cfg in resolved.items():
         train.validate(train.Config(cfg), 1)
         if not cfg["learning_rate"] > 0 or cfg["max_iters"] <= 0:
-            raise UserError(f"{configs[name]}: learning_rate and max_iters must be positive to scale the sweep")
-        unfair = [k for k in FAIR_KEYS if cfg[k] != resolved[args.baseline][k]]
+            raise UserError(f"{configs[label]}: learning_rate and max_iters must be positive to scale the sweep")
+        unfair = [k for k in FAIR_KEYS if cfg[k] != baseline_cfg[k]]
         if unfair:
             k = unfair[0]
-            raise UserError(f"{configs[name]} sets {k}={cfg[k]!r} but the baseline's config has "
-                            f"{resolved[args.baseline][k]!r}; the comparison needs the same {', '.join(unfair)} "
+            raise UserError(f"{label} ({configs[label]}) sets {k}={cfg[k]!r} but the baseline has "
+                            f"{baseline_cfg[k]!r}; the comparison needs the same {', '.join(unfair)} "
                             f"for every optimizer: pass --{k}=... to set it for all")
-    baseline_cfg = resolved[args.baseline]
     T = args.steps if args.steps is not None else baseline_cfg["max_iters"]
     if T < 1:
         raise UserError("--steps must be at least 1")
@@ -243,21 +304,21 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
         warmup = round(T * baseline_cfg["warmup_iters"] / baseline_cfg["max_iters"])
 
     groups, runs = [], []
-    for name, fraction in budgets:
-        cfg = resolved[name]
-        lrs = tuple(explicit_lrs.get(name) or [m * cfg["learning_rate"] for m in grid])
+    for b in budgets:
+        cfg = resolved[b.label]
+        lrs = tuple(explicit(b) or [m * cfg["learning_rate"] for m in grid])
         if len(set(lrs)) != len(lrs) or min(lrs) <= 0:
-            raise UserError(f"{name}: the LRs {', '.join(map(str, lrs))} must be positive and distinct")
-        group = Group(name, fraction, max(1, round(fraction * T)), configs[name], lrs,
-                      cfg["min_lr"] / cfg["learning_rate"], warmup)
+            raise UserError(f"{b.label}: the LRs {', '.join(map(str, lrs))} must be positive and distinct")
+        group = Group(b.label, b.optimizer, b.fraction, max(1, round(b.fraction * T)), configs[b.label], lrs,
+                      cfg["min_lr"] / cfg["learning_rate"], warmup, b.overrides)
         groups.append(group)
         runs += [make_run(group, lr, seed, Path(args.runs_dir), overrides) for lr in lrs for seed in seeds]
     return groups, runs
 
 
 def make_run(group: Group, lr: float, seed: int, runs_dir: Path, overrides: list[str]) -> Run:
-    out_dir = runs_dir / f"{group.optimizer}_T{group.steps}_lr{lr:.4g}_s{seed}"
-    args = (group.config, *overrides, f"--optimizer_name={group.optimizer}", f"--max_iters={group.steps}",
+    out_dir = runs_dir / f"{group.label}_T{group.steps}_lr{lr:.4g}_s{seed}"
+    args = (group.config, *overrides, *group.overrides, f"--optimizer_name={group.optimizer}", f"--max_iters={group.steps}",
             f"--lr_decay_iters={group.steps}", f"--warmup_iters={group.warmup_iters}", f"--learning_rate={lr!r}",
             f"--min_lr={lr * group.min_lr_ratio!r}", f"--seed={seed}", f"--out_dir={shown(out_dir)}")
     return Run(group, lr, seed, out_dir, args)
@@ -423,7 +484,8 @@ def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args
                                      for r, v in zip(mine, losses)]})
             if mean is not None and (best is None or mean < best[1]):
                 best = (lr, mean, std, mine)
-        row = {"optimizer": group.optimizer, "fraction": group.fraction, "steps": group.steps,
+        row = {"label": group.label, "optimizer": group.optimizer, "overrides": list(group.overrides),
+               "fraction": group.fraction, "steps": group.steps,
                "config": group.config, "warmup_iters": group.warmup_iters, "min_lr_ratio": group.min_lr_ratio,
                "best_lr": None, "best_at_edge": False, "val_loss_mean": None, "val_loss_std": None,
                "lrs": lr_rows}
@@ -441,7 +503,7 @@ def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args
             steps = steps_to_reach(row["curve"]["iters"], row["curve"]["val_loss"], target)
         row["steps_to_target"] = steps
         row["speedup"] = baseline["steps"] / steps if steps else None
-    return {"baseline": baseline["optimizer"], "T": baseline["steps"], "seeds": comma_list(args.seeds, int, "--seeds"),
+    return {"baseline": baseline["label"], "T": baseline["steps"], "seeds": comma_list(args.seeds, int, "--seeds"),
             "lr_grid": comma_list(args.lr_grid, float, "--lr_grid"), "train_args": [args.config, *overrides],
             "target_val_loss": target, "groups": out_groups}
 
@@ -478,12 +540,18 @@ def markdown(results: dict, plots: list[Path]) -> str:
         best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}{edge}"
         steps_cell, speed_cell = fmt_speedup(row)
         loss = fmt_loss(row["val_loss_mean"], row["val_loss_std"])
-        lines.append(f"| {row['optimizer']} | {row['steps']} | {best} | {loss} | {steps_cell} | {speed_cell} |")
+        lines.append(f"| {row['label']} | {row['steps']} | {best} | {loss} | {steps_cell} | {speed_cell} |")
     lines += [
         "",
         ("Speed-up = T / the steps the optimizer needs, at its best LR, to reach the target (validation curve "
          "averaged over seeds, linear between evaluations); 2.00x is the paper's claim for Sophia at T/2. "
          "Std is the sample standard deviation over seeds. * = best LR at the edge of the grid: extend the grid."),
+    ]
+    variants = [row for row in results["groups"] if row["overrides"]]
+    if variants:
+        lines += ["", "Variants: " + "; ".join(f"{row['label']} = {shlex.join([row['optimizer'], *row['overrides']])}"
+                                                for row in variants) + "."]
+    lines += [
         "", "## Every learning rate", "",
         "| optimizer | steps | LR | final val loss (mean ± std) | per seed |", "|---|---:|---:|---|---|",
     ]
@@ -491,7 +559,7 @@ def markdown(results: dict, plots: list[Path]) -> str:
         for lr_row in row["lrs"]:
             seeds = ", ".join(f"s{r['seed']}: " + ("—" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
                               + ("" if r["state"] in ("ok", "done") else f" ({r['state']})") for r in lr_row["runs"])
-            lines.append(f"| {row['optimizer']} | {row['steps']} | {lr_row['lr']:.3g} | "
+            lines.append(f"| {row['label']} | {row['steps']} | {lr_row['lr']:.3g} | "
                          f"{fmt_loss(lr_row['val_loss_mean'], lr_row['val_loss_std'])} | {seeds} |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -503,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     groups, runs = plan(args, overrides)
     for g in groups:
-        print(f"{g.optimizer} x {g.fraction:g}T = {g.steps} steps, warmup {g.warmup_iters}, {g.config}, "
+        print(f"{g.label}{' = ' + shlex.join([g.optimizer, *g.overrides]) if g.overrides else ''} x {g.fraction:g}T = {g.steps} steps, warmup {g.warmup_iters}, {g.config}, "
               f"LRs {', '.join(f'{lr:.3g}' for lr in g.lrs)}")
     dataset = resolve([groups[0].config, *overrides])["dataset"]
     train.prepare_dataset(ROOT / "data" / dataset, True)  # once, not racing in parallel runs

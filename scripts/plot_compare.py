@@ -24,9 +24,14 @@ matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def name(row: dict) -> str:
+    """The group's label: its optimizer, or a variant's name (older results have no label)."""
+    return row.get("label", row["optimizer"])
+
+
 def label(row: dict) -> str:
     lr = "" if row["best_lr"] is None else f", lr {row['best_lr']:.3g}"
-    return f"{row['optimizer']} ({row['steps']} steps{lr})"
+    return f"{name(row)} ({row['steps']} steps{lr})"
 
 
 def tuned(results: dict) -> list[tuple[str, dict]]:
@@ -79,7 +84,7 @@ def plot_lr_sweep(results: dict, path: Path) -> Path:
             lrs, means, stds = zip(*points)
             color = colors[i % len(colors)]
             ax.errorbar(lrs, means, yerr=stds, color=color, marker="o", capsize=3,
-                        label=f"{row['optimizer']} ({row['steps']} steps)")
+                        label=f"{name(row)} ({row['steps']} steps)")
             ax.plot(row["best_lr"], row["val_loss_mean"], marker="*", markersize=14, color=color)
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss",
            title="learning-rate sweep (star: best LR)")
@@ -113,7 +118,7 @@ def plot_grad_clip(results: dict, path: Path) -> Path:
         s = row["train_stats"]
         if "clip_frac" in s:
             ax_t.plot(s["iters"], s["clip_frac"], color=color, marker=".", label=label(row))
-            names.append(f"{row['optimizer']}\n{row['steps']} steps")
+            names.append(f"{name(row)}\n{row['steps']} steps")
             fractions.append(row["clip_frac_overall"])
             colors.append(color)
     ax_t.set(xlabel="steps", ylabel="fraction of steps clipped (per log interval)", ylim=(-0.02, 1.02),

@@ -99,6 +99,33 @@ def test_speedup_and_best_lr_on_synthetic_metrics(tmp_path, capsys):
     assert json.loads((runs_dir / "results.json").read_text()) == json.loads(json.dumps(results))
 
 
+def test_variants_are_groups_with_their_own_overrides_and_can_be_the_baseline(tmp_path, capsys):
+    """An ablation: Sophia-G at k = 10 (the baseline) against k = 1 and a Hutchinson variant at
+    T/2; each variant's runs carry its overrides and are named by its label."""
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--baseline", "sophiag", "--optimizers", "", "--steps", "10", "--lr_grid", "1", "--seeds", "1",
+            "--variant", "k1=sophiag --hess_interval=1", "--variant", "hutch=sophiag:0.5 --hess_estimator=hutchinson",
+            "--lrs", "hutch=3e-4", "--runs_dir", str(runs_dir), "--hess_batch_size=6"]
+    groups, runs = compare.plan(*compare.parse_args(argv))
+    assert [(g.label, g.optimizer, g.steps, g.overrides) for g in groups] == [
+        ("sophiag", "sophiag", 10, ()), ("k1", "sophiag", 10, ("--hess_interval=1",)),
+        ("hutch", "sophiag", 5, ("--hess_estimator=hutchinson",))]
+    by_label = {r.group.label: r for r in runs}
+    assert by_label["k1"].out_dir == runs_dir / "k1_T10_lr0.0005_s1"
+    assert compare.resolve(by_label["k1"].args)["hess_interval"] == 1
+    assert compare.resolve(by_label["sophiag"].args)["hess_interval"] == 10
+    assert by_label["hutch"].lr == 3e-4 and compare.resolve(by_label["hutch"].args)["hess_estimator"] == "hutchinson"
+    for run, final in zip(runs, (2.0, 1.8, 2.5)):
+        write_metrics(run.out_dir, {0: 4.0, run.group.steps: final})
+    results = compare.main(argv)
+    assert results["baseline"] == "sophiag" and results["target_val_loss"] == pytest.approx(2.0)
+    assert [(g["label"], g["overrides"]) for g in results["groups"]] == [
+        ("sophiag", []), ("k1", ["--hess_interval=1"]), ("hutch", ["--hess_estimator=hutchinson"])]
+    md = (runs_dir / "results.md").read_text()
+    assert "| k1 | 10 | 0.0005 | 1.8000 ± 0.0000 |" in md
+    assert "Variants: k1 = sophiag --hess_interval=1; hutch = sophiag --hess_estimator=hutchinson." in md
+
+
 # ----------------------------------------------------------------------------- the runner, for real
 
 def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
@@ -154,6 +181,12 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     (["--optimizers", "adamw,bogus"], "unknown optimizer"),
     (["--n_layr=2"], "did you mean --n_layer"),
     (["--hess_batch_size=240"], "hess_batch_size=240 exceeds"),
+    (["--variant", "sophiag --hess_interval=1"], "expected LABEL=OPT"),
+    (["--variant", "sophiah=sophiag --hess_interval=1"], "is an optimizer's name"),
+    (["--variant", "k1=sophiag --max_iters=5"], "use --steps"),
+    (["--variant", "k1=sophiag --batch_size=24"], "k1 (config/train_shakespeare_char_sophiag.py) sets batch_size=24"),
+    (["--variant", "k1=sophiag", "--variant", "k1=sophiah"], "a label is used twice"),
+    (["--baseline", "k2", "--variant", "k1=sophiag"], "nor a --variant label"),
 ])
 def test_refuses_bad_arguments_before_running(tmp_path, capsys, extra, message):
     argv = [BASE, "--optimizers", "adamw,sophiag", "--lr_grid", "1,2", "--runs_dir", str(tmp_path / "runs"),

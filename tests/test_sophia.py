@@ -112,6 +112,26 @@ def test_every_impl_equals_the_reference_over_steps_with_hessian_refreshes_and_w
     assert 0.0 < ref_stats["win_rate"] < 1.0  # the run exercises both clipped and unclipped coordinates
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("clip, sqrt_hessian", [(False, False), (True, True), (False, True)])
+def test_ablation_options_are_the_formula_in_every_impl(impl, clip, sqrt_hessian):
+    """clip=False: theta -= lr m / max(rho h, eps); sqrt_hessian: rho sqrt(h) in its place."""
+    theta, m0, g = [1.0, -2.0, 0.5, 3.0], [0.1, -0.2, 0.0, 0.3], [0.4, -0.8, 0.2, -1.0]
+    h = torch.tensor([4.0, 0.25, 0.0, 1e-4], dtype=torch.float64)
+    lr, beta1, beta2, rho, wd, eps = 0.1, 0.9, 0.99, 0.5, 0.2, 1e-3
+    p, opt = one_tensor_opt(impl, theta, lr=lr, betas=(beta1, beta2), rho=rho, weight_decay=wd, eps=eps,
+                            clip=clip, sqrt_hessian=sqrt_hessian)
+    opt.state[p].update(step=torch.zeros(()), exp_avg=torch.tensor(m0, dtype=torch.float64), hessian=h.clone())
+    p.grad = torch.tensor(g, dtype=torch.float64)
+    opt.step()
+    m = beta1 * torch.tensor(m0, dtype=torch.float64) + (1 - beta1) * torch.tensor(g, dtype=torch.float64)
+    ratio = m / torch.clamp(rho * (h.sqrt() if sqrt_hessian else h), min=eps)
+    expected = torch.tensor(theta, dtype=torch.float64) * (1 - lr * wd) - lr * (ratio.clamp(-1, 1) if clip else ratio)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+    assert (ratio.abs() > 1).any() and (ratio.abs() < 1).any()  # the example has both kinds
+    assert opt.stats()["win_rate"] == pytest.approx((ratio.abs() < 1).double().mean().item())
+
+
 def test_foreach_equals_reference_with_maximize():
     ref_params, _, _, _ = run_tiny_gpt("reference", maximize=True)
     params, _, _, _ = run_tiny_gpt("foreach", maximize=True)
@@ -538,6 +558,17 @@ def test_gnb_is_b_times_the_squared_gradient_at_labels_sampled_from_the_softmax(
     y_hat = sample_labels(logits.detach(), u)
     grads = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 16), y_hat.reshape(-1)), params)
     for e, g in zip(est, grads):
+        torch.testing.assert_close(e, x.numel() * g * g, rtol=1e-5, atol=1e-12)
+
+
+def test_gnb_with_the_data_labels_is_b_times_the_squared_gradient_of_the_loss_the_empirical_fisher():
+    model = tiny_gpt()
+    gen = torch.Generator().manual_seed(13)
+    x, y = torch.randint(0, 16, (2, 8), generator=gen), torch.randint(0, 16, (2, 8), generator=gen)
+    params = list(model.parameters())
+    est = gnb_hessian(model, params, [x], torch.Generator().manual_seed(14), targets=[y])
+    _, loss = model(x, y)
+    for e, g in zip(est, torch.autograd.grad(loss, params)):
         torch.testing.assert_close(e, x.numel() * g * g, rtol=1e-5, atol=1e-12)
 
 
