@@ -37,7 +37,9 @@ Speed-up: the steps an optimizer needs, at its best LR (validation curve average
 seeds, linear interpolation between evaluations), to reach the tuned baseline's final
 validation loss; the ratio is T / those steps ("2.0x" is the paper's claim for Sophia at T/2).
 
-Writes into runs_dir: results.md (tables), the plots of scripts/plot_compare.py, and
+Writes into --results_dir (default: runs_dir; several comparisons can share one runs_dir and
+so reuse each other's finished runs): results.md (tables), the plots of
+scripts/plot_compare.py, and
 results.json = {baseline, T, seeds, lr_grid, train_args, target_val_loss, groups: [one per
 optimizer or variant and budget: {label, optimizer, overrides, fraction, steps, config, warmup_iters, min_lr_ratio,
 best_lr, best_at_edge, val_loss_mean, val_loss_std (final val loss at the best LR over
@@ -138,6 +140,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config_for", action="append", default=[], metavar="OPT=FILE",
                    help="config file for one optimizer (repeatable)")
     p.add_argument("--runs_dir", default="out-compare", help="folder of the runs, results and plots")
+    p.add_argument("--results_dir", default=None, help="folder of the results and plots (default: --runs_dir)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads shared out over the parallel runs (default: all cores)")
@@ -576,13 +579,13 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = resolve([groups[0].config, *overrides])["dataset"]
     train.prepare_dataset(ROOT / "data" / dataset, True)  # once, not racing in parallel runs
     states = execute(runs, args.jobs, args.threads)
-    runs_dir = Path(args.runs_dir)
+    out = Path(args.results_dir or args.runs_dir)
     results = summarize(groups, runs, states, args, overrides)
-    plots = plot_all(results, runs_dir)
-    (runs_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (runs_dir / "results.md").write_text(markdown(results, plots))
-    print((runs_dir / "results.md").read_text().split("\n## Every")[0])
-    print(f"wrote {shown(runs_dir / 'results.md')}, {shown(runs_dir / 'results.json')} and {len(plots)} plots")
+    plots = plot_all(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results, plots))
+    print((out / "results.md").read_text().split("\n## Every")[0])
+    print(f"wrote {shown(out / 'results.md')}, {shown(out / 'results.json')} and {len(plots)} plots")
     return results
 
 

@@ -1,5 +1,6 @@
 """Tests of the optimizer-comparison tools: scripts/compare.py (the runner, its results and
-speed-up arithmetic), scripts/plot_compare.py (through the runner) and scripts/toy_landscape.py.
+speed-up arithmetic), scripts/plot_compare.py (through the runner), scripts/ablations.py and
+scripts/toy_landscape.py.
 
 The end-to-end test runs real train.py subprocesses on a 1-layer, width-32 model for 10
 steps; everything else works on synthetic metrics, so the file takes well under a minute.
@@ -15,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import ablations  # noqa: E402
 import compare  # noqa: E402
 import toy_landscape  # noqa: E402
 
@@ -124,6 +126,43 @@ def test_variants_are_groups_with_their_own_overrides_and_can_be_the_baseline(tm
     md = (runs_dir / "results.md").read_text()
     assert "| k1 | 10 | 0.0005 | 1.8000 ± 0.0000 |" in md
     assert "Variants: k1 = sophiag --hess_interval=1; hutch = sophiag --hess_estimator=hutchinson." in md
+
+
+def test_ablation_studies_run_the_papers_variants_sharing_the_baseline_and_collect_their_tables(tmp_path):
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--runs_dir", str(runs_dir), "--steps", "10", "--lr_grid", "1", "--seeds", "1",
+            "--hess_batch_size=4"]
+    _, _, cfg, argvs = ablations.parse(argv)
+    assert list(argvs) == ["rho_beta2", "hess_interval", "preconditioner", "clipping"]
+    settings = {}
+    for study_argv in argvs.values():
+        for run in compare.plan(*compare.parse_args(study_argv))[1]:
+            settings[run.out_dir.name.split("_T")[0]] = compare.resolve(run.args)
+            if not run.out_dir.exists():
+                write_metrics(run.out_dir, {0: 4.0, 10: 2.0 + 0.01 * len(settings)})
+    # 9 rho x beta2 cells (the baseline is one), k 1 and 100, 3 pre-conditioners, 3 clipping
+    # variants: the baseline's run is shared by all four studies.
+    assert len(settings) == 9 + 2 + 3 + 3
+    grid = {(c["rho"], c["beta2"]) for name, c in settings.items() if name == "sophiag" or name.startswith("rho")}
+    assert grid == {(f * cfg["rho"], b) for f in (0.5, 1.0, 2.0) for b in (0.95, 0.99, 0.995)}
+    assert settings["k1"]["hess_interval"] == 1 and settings["k100"]["hess_interval"] == 100
+    assert settings["sophiag"]["hess_interval"] == 10 and settings["sophiag"]["hess_estimator"] == "auto"
+    assert (settings["empirical_fisher"]["optimizer_name"], settings["empirical_fisher"]["hess_estimator"]) == (
+        "sophiag", "empirical_fisher")
+    assert (settings["adahessian"]["optimizer_name"], settings["adahessian"]["hess_estimator"]) == (
+        "sophiah", "adahessian")
+    assert settings["adahessian"]["rho"] == settings["sophiah"]["rho"] == 0.01  # Sophia-H's own config
+    assert settings["no_clip"]["sophia_clip"] is False and settings["no_clip"]["hess_interval"] == 2
+    momentum = settings["sign_momentum"]
+    assert momentum["optimizer_name"] == "lion" and momentum["beta1"] == momentum["beta2"] == cfg["beta1"]
+
+    results = ablations.main(argv)
+    assert [g["label"] for g in results["clipping"]["groups"]] == ["sophiag", "adamw", "no_clip", "sign_momentum"]
+    md = (runs_dir / "ablations.md").read_text()
+    assert all(f"## {study}" in md for study in argvs)
+    assert "| k1 | `sophiag --hess_interval=1` | 10 | 0.0005 |" in md
+    assert (runs_dir / "ablation-rho_beta2" / "rho_beta2.png").stat().st_size > 10_000
+    assert (runs_dir / "ablation-clipping" / "results.md").exists()
 
 
 # ----------------------------------------------------------------------------- the runner, for real
