@@ -144,11 +144,16 @@ class Sophia(torch.optim.Optimizer):
         if self._stat_skipped_estimates is None:
             self._stat_skipped_estimates = torch.zeros((), device=hessians[0].device)
         self._stat_skipped_estimates += (~finite).float()
-        # Blend in place per beta2 group; where the estimate is not finite, weight 0.
-        for (group, _, _), h, e in zip(pairs, hessians, estimates):
-            beta2 = group["betas"][1]
-            weight = torch.where(finite, 1.0 - beta2, 0.0).to(h.dtype)
-            h.lerp_(torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0), weight)
+        weights = [1.0 - group["betas"][1] for group, _, _ in pairs]
+        if self._resolve_impl(hessians[0].device, any(isinstance(h, DTensor) for _, h, _ in pairs)) == "compiled":
+            global _compiled_fold
+            if _compiled_fold is None:
+                _compiled_fold = torch.compile(_fold_hessian, fullgraph=True, dynamic=False)
+            _compiled_fold(hessians, estimates, finite, weights)
+            return
+        # Blend in place; where the estimate is not finite, weight 0 (and no NaN * 0).
+        for h, e, w in zip(hessians, estimates, weights):
+            h.lerp_(torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0), torch.where(finite, w, 0.0).to(h.dtype))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -365,8 +370,16 @@ def _count_unclipped(exp_avgs, hessians, rho: float, eps: float, sqrt_hessian: b
                         for m, h in zip(exp_avgs, hessians)]).sum().double()
 
 
+def _fold_hessian(hessians, estimates, finite: Tensor, weights: list[float]) -> None:
+    """h <- lerp(h, h_hat, 1 - beta2) where the whole estimate is finite, else h: one kernel
+    reading h and h_hat and writing h (the eager version also writes a NaN-free copy)."""
+    for h, e, w in zip(hessians, estimates, weights):
+        h.copy_(torch.where(finite, torch.lerp(h, e, w), h))
+
+
 _compiled_fused = None
 _compiled_count = None
+_compiled_fold = None
 
 
 def _update_compiled(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,

@@ -283,13 +283,15 @@ def test_zero_lr_rho_weight_decay_and_beta_are_valid():
 
 # ----------------------------------------------------------------------------- update_hessian
 
-def two_tensor_opt(beta2: float = 0.9):
+def two_tensor_opt(beta2: float = 0.9, impl: str = "auto"):
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
-    return a, b, Sophia([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], betas=(0.9, beta2))
+    return a, b, Sophia([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], betas=(0.9, beta2), impl=impl)
 
 
-def test_update_hessian_is_the_ema_formula():
-    a, b, opt = two_tensor_opt(beta2=0.9)
+# update_hessian folds eagerly, or in one compiled kernel for impl="compiled".
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+def test_update_hessian_is_the_ema_formula(impl):
+    a, b, opt = two_tensor_opt(beta2=0.9, impl=impl)
     e1 = [torch.tensor([1.0, 2.0, -3.0]), torch.tensor([[4.0, 0.0], [1e-3, 8.0]])]
     e2 = [torch.tensor([5.0, -1.0, 0.5]), torch.tensor([[0.25, 2.0], [1.0, 3.0]])]
     opt.update_hessian(e1)
@@ -300,9 +302,10 @@ def test_update_hessian_is_the_ema_formula():
     assert opt.stats()["skipped_estimates"] == 0
 
 
-def test_update_hessian_uses_each_groups_beta2():
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
+def test_update_hessian_uses_each_groups_beta2(impl):
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    opt = Sophia([{"params": [a], "betas": (0.9, 0.5)}, {"params": [b], "betas": (0.9, 0.75)}])
+    opt = Sophia([{"params": [a], "betas": (0.9, 0.5)}, {"params": [b], "betas": (0.9, 0.75)}], impl=impl)
     opt.update_hessian([torch.ones(2), torch.ones(2)])
     assert opt.state[a]["hessian"].tolist() == [0.5, 0.5]
     assert opt.state[b]["hessian"].tolist() == [0.25, 0.25]
@@ -316,9 +319,10 @@ def test_update_hessian_none_entry_skips_that_parameter():
     assert opt.state[b]["hessian"].tolist() == [[1.75, 1.75], [1.75, 1.75]]
 
 
+@pytest.mark.parametrize("impl", ["foreach", "compiled"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_estimate_anywhere_leaves_h_unchanged_and_is_counted(bad):
-    a, b, opt = two_tensor_opt(beta2=0.5)
+def test_non_finite_estimate_anywhere_leaves_h_unchanged_and_is_counted(bad, impl):
+    a, b, opt = two_tensor_opt(beta2=0.5, impl=impl)
     opt.update_hessian([torch.ones(3), torch.ones(2, 2)])
     before = [opt.state[p]["hessian"].clone() for p in (a, b)]
     poisoned = torch.full((2, 2), 7.0)
