@@ -129,7 +129,7 @@ def plot_grad_clip(results: dict, path: Path) -> Path:
     for x, f in enumerate(fractions):
         ax_bar.text(x, f, f"{f:.1%}", ha="center", va="bottom", fontsize=8)
     ax_bar.set(ylabel="fraction of all steps clipped", ylim=(0, 1.05), title="overall")
-    ax_bar.tick_params(axis="x", labelsize=8)
+    ax_bar.tick_params(axis="x", labelsize=8, labelrotation=30)
     return save(fig, path)
 
 
