@@ -132,7 +132,8 @@ def validate(cfg: Config, world_size: int) -> None:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                         f"the world size {world_size}; make it a multiple of {world_size}")
     if cfg.hess_estimator not in ("auto", *ESTIMATORS):
-        raise UserError(f"hess_estimator={cfg.hess_estimator!r} is unknown; choose one of auto, {', '.join(ESTIMATORS)}")
+        raise UserError(f"hess_estimator={cfg.hess_estimator!r} is unknown; choose one of auto, "
+                        f"{', '.join(ESTIMATORS)}")
     if cfg.hess_estimator != "auto" and not cfg.optimizer_name.startswith("sophia"):
         raise UserError(f"hess_estimator={cfg.hess_estimator!r} is for Sophia, not optimizer_name="
                         f"{cfg.optimizer_name!r}; use --optimizer_name=sophiag or sophiah, or drop hess_estimator")

@@ -27,9 +27,10 @@ train_shakespeare_char.py -> train_shakespeare_char_sophiag.py) when it exists, 
 --key=value arguments go to every run, after the config file.
 
 Each run is a subprocess `python train.py CONFIG --key=value ...` (the commands are
-printed) with out_dir <runs_dir>/<label>_T<steps>_lr<lr>_s<seed> (label: the optimizer or variant) and its console output in
-train.log there; --jobs N runs N at a time, each with --threads / N OpenMP threads. A run
-whose metrics.jsonl has an evaluation at max_iters is finished and not rerun; any other
+printed) with out_dir <runs_dir>/<label>_T<steps>_lr<lr>_s<seed> (label: the optimizer or the
+variant) and its console output in train.log there; --jobs N runs N at a time, each with
+--threads / N OpenMP threads. A run whose metrics.jsonl has an evaluation at max_iters is
+finished and not rerun; any other
 (unfinished, crashed, failed) is started again with --init_from=auto, which resumes from
 its latest checkpoint. A reused out_dir whose config.json differs is refused.
 
@@ -574,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     groups, runs = plan(args, overrides)
     for g in groups:
-        print(f"{g.label}{' = ' + shlex.join([g.optimizer, *g.overrides]) if g.overrides else ''} x {g.fraction:g}T = {g.steps} steps, warmup {g.warmup_iters}, {g.config}, "
+        definition = f" = {shlex.join([g.optimizer, *g.overrides])}" if g.overrides else ""
+        print(f"{g.label}{definition} x {g.fraction:g}T = {g.steps} steps, warmup {g.warmup_iters}, {g.config}, "
               f"LRs {', '.join(f'{lr:.3g}' for lr in g.lrs)}")
     dataset = resolve([groups[0].config, *overrides])["dataset"]
     train.prepare_dataset(ROOT / "data" / dataset, True)  # once, not racing in parallel runs
