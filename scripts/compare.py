@@ -30,9 +30,9 @@ Each run is a subprocess `python train.py CONFIG --key=value ...` (the commands 
 printed) with out_dir <runs_dir>/<label>_T<steps>_lr<lr>_s<seed> (label: the optimizer or the
 variant) and its console output in train.log there; --jobs N runs N at a time, each with
 --threads / N OpenMP threads. A run whose metrics.jsonl has an evaluation at max_iters is
-finished and not rerun; any other
-(unfinished, crashed, failed) is started again with --init_from=auto, which resumes from
-its latest checkpoint. A reused out_dir whose config.json differs is refused.
+finished and not rerun; any other (unfinished, crashed, failed) is started again with
+--init_from=auto, which resumes from its latest checkpoint. A reused out_dir whose
+config.json differs is refused.
 
 Speed-up: the steps an optimizer needs, at its best LR (validation curve averaged over
 seeds, linear interpolation between evaluations), to reach the tuned baseline's final
