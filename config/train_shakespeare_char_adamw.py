@@ -3,8 +3,8 @@
 include("train_shakespeare_char.py")
 out_dir = "out-shakespeare-char-adamw"
 optimizer_name = "adamw"
-learning_rate = 2e-3
-min_lr = 2e-4
+learning_rate = 4e-3  # best of the sweep 1e-3, 2e-3, 4e-3, 8e-3 (docs/RESULTS.md)
+min_lr = 4e-4
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99

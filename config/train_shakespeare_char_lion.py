@@ -3,7 +3,7 @@
 include("train_shakespeare_char.py")
 out_dir = "out-shakespeare-char-lion"
 optimizer_name = "lion"
-learning_rate = 5e-4
+learning_rate = 5e-4  # best of the sweep 1.25e-4, 2.5e-4, 5e-4, 1e-3 (docs/RESULTS.md)
 min_lr = 5e-5
 weight_decay = 0.2
 beta1 = 0.95
