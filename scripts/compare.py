@@ -55,6 +55,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -198,9 +199,12 @@ def optimizer_fraction(item: str, default: float, what: str) -> tuple[str, float
 
 def parse_variant(text: str) -> Budget:
     """'LABEL=OPT[:FRACTION] --key=value ...' -> Budget."""
-    words = shlex.split(text)
+    try:
+        words = shlex.split(text)
+    except ValueError as e:  # an unclosed quote
+        raise UserError(f"--variant {text!r}: {e}") from None
     label, sep, spec = words[0].partition("=") if words else ("", "", "")
-    if not sep or not label.replace("_", "").replace("-", "").replace(".", "").isalnum():
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
         raise UserError(f"--variant {text!r}: expected LABEL=OPT[:FRACTION] --key=value ..., with a label of "
                         "letters, digits, '_', '-' or '.'")
     if label in train.OPTIMIZERS:
