@@ -30,6 +30,7 @@ import configurator
 from configurator import UserError
 from model import GPT, GPTConfig
 from tokenizer import read_meta
+from sophia import IMPLEMENTATIONS as _IMPLEMENTATIONS  # "_": a public tuple here would be a config key
 from sophia import Sophia, SophiaG, SophiaH, gnb_hessian, hutchinson_hessian, set_grad_sync
 
 # ----------------------------------------------------------------------------- defaults
@@ -131,6 +132,9 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                         f"the world size {world_size}; make it a multiple of {world_size}")
+    if cfg.optimizer_impl not in ("auto", *_IMPLEMENTATIONS):
+        raise UserError(f"optimizer_impl={cfg.optimizer_impl!r} is unknown; choose one of auto, "
+                        f"{', '.join(_IMPLEMENTATIONS)}")
     if cfg.hess_estimator not in ("auto", *ESTIMATORS):
         raise UserError(f"hess_estimator={cfg.hess_estimator!r} is unknown; choose one of auto, "
                         f"{', '.join(ESTIMATORS)}")
