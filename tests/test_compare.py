@@ -165,6 +165,18 @@ def test_ablation_studies_run_the_papers_variants_sharing_the_baseline_and_colle
     assert (runs_dir / "ablation-clipping" / "results.md").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--studies", "rho,k"], "unknown study 'rho'"),
+    (["--variant", "x=sophiag"], "--variant is set by each study"),
+    (["--baseline=adamw"], "--baseline is set by each study"),
+])
+def test_ablations_refuse_bad_arguments_before_running(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        ablations.main([BASE, "--runs_dir", str(tmp_path / "runs"), *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 # ----------------------------------------------------------------------------- the runner, for real
 
 def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
