@@ -269,6 +269,11 @@ class SophiaH(Sophia):
 # Each returns the number of coordinates whose update was not clipped, as a 0-dim tensor
 # (with count=False the count is skipped and the value is meaningless).
 
+def _denominator(h: Tensor, rho: float, eps: float, sqrt_hessian: bool) -> Tensor:
+    """max(rho h, eps), or max(rho sqrt(h), eps) for the AdaHessian-style ablation."""
+    return torch.clamp(rho * (h.sqrt() if sqrt_hessian else h), min=eps)
+
+
 def _update_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
                       maximize, count=True, clip=True, sqrt_hessian=False) -> Tensor:
     unclipped = torch.zeros((), dtype=torch.float64, device=params[0].device)
@@ -276,7 +281,7 @@ def _update_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weig
         g = -g if maximize else g
         m.lerp_(g, 1.0 - beta1)
         p.mul_(1.0 - lr * weight_decay)
-        ratio = m / torch.clamp(rho * (h.sqrt() if sqrt_hessian else h), min=eps)
+        ratio = m / _denominator(h, rho, eps, sqrt_hessian)
         if count:
             unclipped += (ratio.abs() < 1).sum()
         p.add_(ratio.clamp(-1.0, 1.0) if clip else ratio, alpha=-lr)
@@ -359,14 +364,14 @@ def _update_fused(params, grads, exp_avgs, hessians, lr: Tensor, beta1: float, r
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
         g = -g if maximize else g
         m_new = torch.lerp(m, g, 1.0 - beta1)
-        ratio = m_new / torch.clamp((h.sqrt() if sqrt_hessian else h) * rho, min=eps)
+        ratio = m_new / _denominator(h, rho, eps, sqrt_hessian)
         m.copy_(m_new)
         p.copy_(p * (1.0 - lr * weight_decay) - lr * (ratio.clamp(-1.0, 1.0) if clip else ratio))
 
 
 def _count_unclipped(exp_avgs, hessians, rho: float, eps: float, sqrt_hessian: bool) -> Tensor:
     """Coordinates with |m / max(rho h, eps)| < 1, from the updated m."""
-    return torch.stack([((m / torch.clamp((h.sqrt() if sqrt_hessian else h) * rho, min=eps)).abs() < 1).sum()
+    return torch.stack([((m / _denominator(h, rho, eps, sqrt_hessian)).abs() < 1).sum()
                         for m, h in zip(exp_avgs, hessians)]).sum().double()
 
 

@@ -63,7 +63,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ class Group:
     lrs: tuple[float, ...]
     min_lr_ratio: float
     warmup_iters: int
-    overrides: tuple[str, ...] = field(default=())  # a variant's own train.py overrides
+    overrides: tuple[str, ...] = ()  # a variant's own train.py overrides
 
 
 @dataclass(frozen=True)
