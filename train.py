@@ -12,13 +12,16 @@ that step's batch (paper Algorithm 3: h_t is estimated at theta_t and used at st
 
 import json
 import math
+import netrc
 import os
 import random
 import signal
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -705,7 +708,7 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
               f"device {dev}, dtype {dtype_name}, world size {world_size}")
         (out_dir / "config.json").write_text(json.dumps(dict(cfg), indent=2))
         if cfg.wandb_log:
-            wandb = init_wandb(cfg)
+            wandb = init_wandb(cfg, out_dir)
     metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
 
     def log(record: dict) -> None:
@@ -842,17 +845,40 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
     return last_eval
 
 
-def init_wandb(cfg: Config):
+def wandb_has_credentials() -> bool:
+    """Whether wandb will find an API key: WANDB_API_KEY or a ~/.netrc entry for its host (a
+    cluster's ~/.netrc often holds other hosts only)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def init_wandb(cfg: Config, out_dir: Path):
+    """A wandb run that never stops a batch job: offline without credentials, and offline
+    when going online fails (a bad key, a compute node without network). The run's id is kept
+    in out_dir, so a resumed training run continues the same wandb run."""
     try:
         import wandb
     except ImportError:
         raise UserError("wandb_log=True but wandb is not installed; `pip install wandb` or drop --wandb_log") from None
-    # Never block a batch job on a login prompt: without credentials, log offline.
-    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE") and not Path.home().joinpath(".netrc").exists():
+    if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"
-        print("wandb: no API key found, logging offline (sync later with `wandb sync`)")
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dict(cfg))
-
+        print(f"wandb: no API key found, logging offline to {out_dir / 'wandb'} (upload later with `wandb sync`)")
+    id_file = out_dir / "wandb_run_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    settings = dict(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dict(cfg), dir=str(out_dir),
+                    id=run_id, resume="allow")
+    try:
+        return wandb.init(**settings)
+    except wandb.errors.Error as e:
+        print(f"wandb: could not log online ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              f"logging offline to {out_dir / 'wandb'} instead")
+        return wandb.init(mode="offline", **settings)
 
 if __name__ == "__main__":
     main()
