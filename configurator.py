@@ -38,9 +38,10 @@ def exit_on_user_error(fn):
 
 
 def config_keys(namespace: dict[str, Any]) -> list[str]:
-    """The configurable names of a module namespace: public values of plain types."""
+    """The configurable names of a module namespace: public lower-case values of plain types
+    (UPPER_CASE constants such as typing's TYPE_CHECKING are not settings)."""
     return [k for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
+            if not k.startswith("_") and k.islower() and isinstance(v, CONFIG_TYPES)]
 
 
 def key_help(source_file: str | Path) -> dict[str, str]:

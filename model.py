@@ -102,6 +102,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # OpenAI's GPT-2 sizes, for from_pretrained.
+    PRETRAINED = {
+        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    }
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -174,15 +181,10 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, model_type: str, override_args: dict | None = None) -> "GPT":
         """Load OpenAI's GPT-2 weights through Hugging Face `transformers` (optional
-        dependency; the weights come from the Hub or its local cache)."""
-        sizes = {
-            "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-            "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-            "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-            "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-        }
-        if model_type not in sizes:
-            raise ValueError(f"unknown model_type {model_type!r}; choose one of {sorted(sizes)}")
+        dependency): from the local Hugging Face cache when they are there, so a compute
+        node without network can use weights downloaded once, and from the Hub otherwise."""
+        if model_type not in cls.PRETRAINED:
+            raise ValueError(f"unknown model_type {model_type!r}; choose one of {sorted(cls.PRETRAINED)}")
         override_args = override_args or {}
         if set(override_args) - {"dropout"}:
             raise ValueError("only dropout can be overridden when loading GPT-2 weights")
@@ -190,10 +192,19 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
         except ImportError as e:
             raise ImportError("from_pretrained needs `pip install transformers`") from e
-        config = GPTConfig(**sizes[model_type], vocab_size=50257, block_size=1024, bias=True,
+        try:
+            hf_model = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=True)
+        except OSError:
+            try:
+                hf_model = GPT2LMHeadModel.from_pretrained(model_type)
+            except OSError as e:
+                raise OSError(f"the {model_type} weights are neither in the Hugging Face cache nor reachable on the Hub; "
+                              f"load them once where there is network (GPT2LMHeadModel.from_pretrained('{model_type}')) "
+                              f"and copy the cache (HF_HOME) here") from e
+        config = GPTConfig(**cls.PRETRAINED[model_type], vocab_size=50257, block_size=1024, bias=True,
                            **override_args)
         model = cls(config)
-        model.load_hf_state_dict(GPT2LMHeadModel.from_pretrained(model_type).state_dict())
+        model.load_hf_state_dict(hf_model.state_dict())
         return model
 
     def load_hf_state_dict(self, sd_hf: dict[str, torch.Tensor]) -> None:

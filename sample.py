@@ -50,6 +50,9 @@ def load_model(cfg: dict) -> tuple[GPT, Callable[[str], list[int]], Callable[[li
 def main(argv: list[str] | None = None) -> list[str]:
     """Print and return the samples."""
     cfg = configurator.parse(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__)
+    for key, low in (("num_samples", 1), ("max_new_tokens", 1), ("temperature", 0), ("top_k", 0)):
+        if cfg[key] < low:
+            raise UserError(f"{key}={cfg[key]} must be at least {low}; see --help")
     dev = pick_device(cfg["device"])
     device_type = "cuda" if dev.startswith("cuda") else dev
     dtype_name = pick_dtype(cfg["dtype"], device_type)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if prompt.startswith("FILE:"):
         file = Path(prompt[5:])
         if not file.is_file():
-            raise UserError(f"prompt file {file} not found; give an existing file after FILE:")
+            raise UserError(f"prompt file {file} is not a readable file; give an existing file after FILE:")
         prompt = file.read_text()
     try:
         ids = encode(prompt)

@@ -38,6 +38,12 @@ def test_defaults_are_train_py_module_values():
     assert all(isinstance(v, configurator.CONFIG_TYPES) for v in DEFAULTS.values())
 
 
+def test_config_keys_are_public_lower_case_values_of_plain_types():
+    namespace = {"lr": 1e-3, "beta2": 0.99, "name": "x", "_private": 1, "TYPE_CHECKING": False,
+                 "MAX_SIZE": 3, "helper": print, "betas": (0.9, 0.95)}
+    assert configurator.config_keys(namespace) == ["lr", "beta2", "name", "betas"]
+
+
 def test_no_arguments_gives_the_defaults_as_a_copy():
     config = parse(DEFAULTS, [])
     assert config == DEFAULTS

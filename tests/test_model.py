@@ -312,6 +312,26 @@ def test_load_hf_state_dict_reproduces_transformers_gpt2_logits(scale_by_layer):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_from_pretrained_reads_the_local_cache_first_and_reproduces_gpt2_logits(gpt2_hub):
+    model = GPT.from_pretrained("gpt2").eval()
+    assert gpt2_hub.calls == [True], "cached weights need no network"
+    idx = tokens(vocab=50257)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], gpt2_hub.model(idx).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_from_pretrained_downloads_what_the_cache_lacks(gpt2_hub):
+    gpt2_hub.cached = False
+    GPT.from_pretrained("gpt2")
+    assert gpt2_hub.calls == [True, False]
+
+
+def test_from_pretrained_without_cache_or_network_says_how_to_get_the_weights(gpt2_hub):
+    gpt2_hub.cached = gpt2_hub.online = False
+    with pytest.raises(OSError, match="neither in the Hugging Face cache nor reachable on the Hub.*HF_HOME"):
+        GPT.from_pretrained("gpt2")
+
+
 # ----------------------------------------------------------------------------- accounting
 
 def test_get_num_params_matches_the_gpt2_formula():

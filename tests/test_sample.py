@@ -108,3 +108,19 @@ def test_missing_checkpoint_is_one_error_line(capsys, tmp_path):
 
 def test_missing_prompt_file_is_one_error_line(capsys, char_run, tmp_path):
     expect_one_line_error(capsys, char_run, [f"--start=FILE:{tmp_path / 'nope.txt'}"], "nope.txt")
+
+
+@pytest.mark.parametrize("arg", ["--num_samples=0", "--max_new_tokens=0", "--temperature=-1.0", "--top_k=-3"])
+def test_out_of_range_settings_are_one_error_line(capsys, char_run, arg):
+    key = arg[2:].split("=")[0]
+    expect_one_line_error(capsys, char_run, [arg], key, "at least")
+
+
+def test_a_directory_as_prompt_file_is_one_error_line(capsys, char_run, tmp_path):
+    expect_one_line_error(capsys, char_run, [f"--start=FILE:{tmp_path}"], str(tmp_path), "not a readable file")
+
+
+def test_samples_from_openai_gpt2_weights_with_the_gpt2_tokenizer(gpt2_hub):
+    samples, _ = run_sample(Path("unused"), "--init_from=gpt2", "--start=Hello world", "--num_samples=1",
+                            "--max_new_tokens=5", "--temperature=0.0")
+    assert samples[0].startswith("Hello world") and len(samples[0]) > len("Hello world")
