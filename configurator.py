@@ -12,6 +12,7 @@ the default's (except int for float) is an error naming the key and both types.
 
 import ast
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
@@ -35,6 +36,20 @@ def exit_on_user_error(fn):
             print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
             sys.exit(2)
     return wrapper
+
+
+def writable_dir(path: str | Path, option: str) -> Path:
+    """Create the directory `path` if needed and check that files can be written in it, before
+    any work is done; a UserError naming the command-line `option` to change otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {str(path)!r} ({e.strerror}); choose another {option}") from None
+    return path
 
 
 def config_keys(namespace: dict[str, Any]) -> list[str]:

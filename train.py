@@ -596,15 +596,9 @@ def main(argv: list[str] | None = None) -> dict:
 def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp: bool, master: bool) -> dict:
     out_dir = Path(cfg.out_dir)
     if master:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            probe = out_dir / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-            for stale in out_dir.glob("ckpt_*.pt.tmp"):  # left by a crash mid-write
-                stale.unlink()
-        except OSError as e:
-            raise UserError(f"cannot write to out_dir={str(out_dir)!r} ({e.strerror}); choose another --out_dir")
+        configurator.writable_dir(out_dir, "--out_dir")
+        for stale in out_dir.glob("ckpt_*.pt.tmp"):  # left by a crash mid-write
+            stale.unlink()
     local_accum = cfg.gradient_accumulation_steps // world_size
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     torch.manual_seed(cfg.seed)

@@ -92,7 +92,7 @@ limit = 0  # evaluate only the first `limit` validation examples of each task (0
 batch_size = 8  # sequences per forward pass
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
 dtype = "float32"  # 'float32', or 'bfloat16'/'auto' for speed on GPUs (near-ties may then flip)
-output = ""  # results path without extension (.json and .md); default <out_dir or hf_dir>/eval_downstream
+output = ""  # results path without extension (.json and .md); default <out_dir>/eval_downstream or <hf_dir>-eval_downstream
 DEFAULTS = {k: globals()[k] for k in configurator.config_keys(dict(globals()))}
 
 
@@ -287,13 +287,17 @@ def load_hf(hf_dir: Path) -> tuple["PreTrainedModel", Callable[[str], list[int]]
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json); "
                         f"export one with scripts/export_hf.py")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
-    char_vocab = hf_dir / "char_vocab.json"
-    if char_vocab.is_file():
-        encode = load_tokenizer(json.loads(char_vocab.read_text()))[0]
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-        encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+        char_vocab = hf_dir / "char_vocab.json"
+        if char_vocab.is_file():
+            encode = load_tokenizer(json.loads(char_vocab.read_text()))[0]
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+            encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
+    except (OSError, ValueError) as e:  # a damaged or partial directory (JSONDecodeError is a ValueError)
+        raise UserError(f"cannot load the model in {hf_dir} ({str(e).splitlines()[0]}); "
+                        f"export it again with scripts/export_hf.py") from e
     return model, encode, model.config.n_positions
 
 
@@ -327,8 +331,11 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("num_fewshot", "num_draws", "batch_size"):
         if cfg[key] <= 0:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
+    default_output = f"{cfg['hf_dir']}-eval_downstream" if cfg["hf_dir"] else str(Path(cfg["out_dir"]) / "eval_downstream")
+    output = cfg["output"] or default_output
     data = {name: load_task_data(cfg["data_dir"], name) for name in names}
     scorer, source = load_scorer(cfg)
+    configurator.writable_dir(Path(output).parent, "--output")  # before the evaluation, not after
     results = {}
     for name, (train, val) in data.items():
         val = val[:cfg["limit"]] if cfg["limit"] > 0 else val
@@ -338,8 +345,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     report = {"model": source, "protocol": {k: cfg[k] for k in ("num_fewshot", "num_draws", "seed", "limit")},
               "answers": {name: TASKS[name].answers for name in names}, "tasks": results}
-    output = cfg["output"] or str(Path(source) / "eval_downstream")
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output + ".json").write_text(json.dumps(report, indent=2) + "\n")
     Path(output + ".md").write_text(table + "\n")
     return report

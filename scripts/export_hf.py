@@ -157,7 +157,7 @@ def prepare_hf_dir(hf_dir: str, overwrite: bool) -> Path:
                             f"there, or choose another --hf_dir")
         for name in EXPORT_FILES:
             (path / name).unlink(missing_ok=True)
-    return path
+    return configurator.writable_dir(path, "--hf_dir")
 
 
 @configurator.exit_on_user_error

@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import configurator
 from configurator import UserError
 
+# The field each kind of record must have: it is plotted.
+PLOTTED = {"train": ("loss",), "eval": ("val_loss",)}
 # (field of the train records, panel title, log scale)
 STAT_PANELS = (("win_rate", "Sophia win rate (not clipped)", False),
                ("hessian_norm", "Sophia Hessian norm", True),
@@ -44,9 +46,12 @@ def read_metrics(path: Path) -> dict[str, list[dict]]:
             continue
         try:
             record = json.loads(line)
+            for field in ("iter", *PLOTTED.get(record["kind"], ())):
+                float(record[field])
             by_kind.setdefault(record["kind"], {})[int(record["iter"])] = record
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"{path} line {n} is not a metrics record (JSON with kind and iter)") from None
+            raise UserError(f"{path} line {n} is not a metrics record (JSON with kind and iter, and loss for "
+                            f"train or val_loss for eval records)") from None
     if not by_kind:
         raise UserError(f"{path} holds no records; the run has not logged anything yet")
     return {kind: [records[i] for i in sorted(records)] for kind, records in by_kind.items()}
@@ -122,7 +127,7 @@ def plot_runs(paths: list[str | Path], output: str | Path, labels: list[str] | N
     """Write make_figure(...) to the PNG `output`; returns its path."""
     fig = make_figure(paths, labels, x, title, ylim)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    configurator.writable_dir(output.parent, "--output")
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output

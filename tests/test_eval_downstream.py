@@ -205,3 +205,27 @@ def test_unknown_label_is_one_error_line(capsys, tmp_path):
 
 def test_unknown_task_is_one_error_line(capsys):
     expect_one_line_error(capsys, [f"--data_dir={FIXTURE}", "--tasks=rte,wsc"], "wsc")
+
+
+def test_unwritable_output_is_one_error_line_before_evaluating(capsys, char_run, tmp_path, monkeypatch):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    monkeypatch.setattr(ed, "evaluate_task", lambda *a, **k: pytest.fail("evaluated before checking --output"))
+    expect_one_line_error(capsys, [f"--out_dir={char_run}", f"--data_dir={FIXTURE}", "--device=cpu",
+                                   f"--output={tmp_path / 'blocker' / 'results'}"], "choose another --output")
+
+
+def test_a_damaged_hugging_face_directory_is_one_error_line(capsys, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{not json")
+    expect_one_line_error(capsys, [f"--hf_dir={tmp_path / 'hf'}", f"--data_dir={FIXTURE}", "--device=cpu"],
+                          "export it again")
+
+
+def test_default_output_of_a_hugging_face_model_lies_beside_it(char_run, tmp_path):
+    import export_hf
+    with contextlib.redirect_stdout(io.StringIO()):
+        export_hf.main([f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'hf'}"])
+        ed.main([f"--hf_dir={tmp_path / 'hf'}", f"--data_dir={FIXTURE}", "--device=cpu", "--tasks=copa",
+                 "--num_draws=1", "--limit=1"])
+    assert (tmp_path / "hf-eval_downstream.json").is_file()
+    assert not list((tmp_path / "hf").glob("eval_downstream*")), "the export directory stays as exported"

@@ -152,3 +152,9 @@ def test_non_empty_hf_dir_without_overwrite_is_one_error_line(capsys, char_run, 
 
 def test_missing_hf_dir_is_one_error_line(capsys, char_run):
     expect_one_line_error(capsys, [f"--out_dir={char_run}"], "--hf_dir")
+
+
+def test_unwritable_hf_dir_is_one_error_line(capsys, char_run, tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    expect_one_line_error(capsys, [f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'blocker' / 'hf'}"],
+                          "choose another --hf_dir")

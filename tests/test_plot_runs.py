@@ -109,3 +109,14 @@ def test_tokens_axis_without_config_json_is_one_error_line(capsys, tmp_path):
     run = write_run(tmp_path / "run", sophia=False)
     (run / "config.json").unlink()
     expect_one_line_error(capsys, [str(run), "--x=tokens"], "config.json")
+
+
+def test_an_eval_record_without_val_loss_is_one_error_line(capsys, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"kind": "eval", "iter": 0, "val_loss": 3.0}\n{"kind": "eval", "iter": 10}\n')
+    expect_one_line_error(capsys, [str(tmp_path / "bad.jsonl")], "bad.jsonl line 2")
+
+
+def test_unwritable_output_is_one_error_line(capsys, tmp_path):
+    run = write_run(tmp_path / "run", sophia=False)
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    expect_one_line_error(capsys, [str(run), f"--output={tmp_path / 'blocker' / 'x.png'}"], "choose another --output")

@@ -419,7 +419,7 @@ def test_resume_from_a_foreign_torch_file_is_refused(capsys, out_dir):
 def test_unwritable_out_dir_is_refused(capsys, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
-    expect_user_error(capsys, blocker / "out", [], "cannot write to out_dir", str(blocker / "out"))
+    expect_user_error(capsys, blocker / "out", [], "cannot write to", str(blocker / "out"), "choose another --out_dir")
     assert blocker.read_text() == "keep me"
 
 
