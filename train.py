@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import configurator
 from configurator import UserError
@@ -524,7 +525,9 @@ def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast,
         data = np.memmap(batches.path, dtype=np.uint16, mode="r")
         losses = torch.zeros(cfg.eval_iters, device=device)
         rounds = -(-cfg.eval_iters // world_size)
-        for k in range(rank, rounds * world_size, world_size):
+        # A transient bar (a terminal only, rank 0): logs keep one line per evaluation.
+        for k in tqdm(range(rank, rounds * world_size, world_size), desc=f"evaluating {split}", leave=False,
+                      disable=rank != 0 or not sys.stderr.isatty()):
             x, y = batches._load(data, ix[k % cfg.eval_iters].tolist())
             with autocast:
                 _, loss = model(x, y)

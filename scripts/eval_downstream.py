@@ -38,7 +38,8 @@ usual multiple-choice rule rather than restricted greedy decoding.) A prompt lon
 model's context is cut from the left, keeping the answer and the end of the prompt, and the
 fraction of cut prompts is reported.
 
-Data: local files only, `<data_dir>/<task>/train.jsonl` and `<task>/val.jsonl` with
+Data: local files only, `<data_dir>/<task>/train.jsonl` and `<task>/val.jsonl` (the task
+folder in any case, so SuperGLUE's own BoolQ/, CB/, COPA/, RTE/ folders work as unzipped) with
 SuperGLUE's field names (BoolQ: passage, question, label; RTE: premise, hypothesis, label
 in {entailment, not_entailment}; CB: premise, hypothesis, label in {entailment,
 contradiction, neutral}; COPA: premise, choice1, choice2, question in {cause, effect},
@@ -173,8 +174,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_task_data(data_dir: str | Path, name: str) -> tuple[list[dict], list[dict]]:
-    """(train, val) examples of a task, checked to have the fields and label it needs."""
-    folder = Path(data_dir) / name
+    """(train, val) examples of a task, checked to have the fields and label it needs. The
+    task's folder may be spelled as in the SuperGLUE download (BoolQ/, CB/, COPA/, RTE/)."""
+    folder = next((p for p in sorted(Path(data_dir).iterdir()) if p.is_dir() and p.name.lower() == name),
+                  Path(data_dir) / name)
     train, val = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "val.jsonl")
     task = TASKS[name]
     for split, rows in (("train", train), ("val", val)):

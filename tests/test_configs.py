@@ -1,6 +1,8 @@
-"""Every config in config/ parses, passes train.py's checks, and says what it reproduces and
-what it costs in its opening comment."""
+"""Every config in config/ parses, passes train.py's checks, says what it reproduces and
+what it costs in its opening comment, and has its row in the README's table."""
 
+import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,8 @@ import pytest
 import configurator
 import train
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "config").glob("*.py"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "config").glob("*.py"))
 RUNNABLE = [p for p in CONFIGS if not p.name.startswith("_")]  # "_*.py" are pieces to include()
 
 
@@ -21,8 +24,26 @@ def test_there_is_a_config_per_paper_size_and_optimizer():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_starts_with_a_comment(path):
-    assert path.read_text().startswith("# ")
+def test_every_config_opens_with_a_comment_that_states_its_cost(path):
+    header = path.read_text().split("\n\n")[0]
+    assert header.startswith("# ")
+    assert any(line.startswith("# Cost:") for line in header.splitlines()), header
+
+
+def readme_config_names() -> set[str]:
+    """The configs the README's table names; `{a,b}` expands, `{…}` is every optimizer."""
+    names = set()
+    for pattern in re.findall(r"^\| `(train_[^`]+)\.py` \|", (ROOT / "README.md").read_text(), re.M):
+        pattern = pattern.replace("{…}", "{adamw,lion,sophiag,sophiah}")
+        parts = [p.split(",") for p in re.split(r"\{([^}]*)\}", pattern)[1::2]]
+        literals = re.split(r"\{[^}]*\}", pattern)
+        for choice in itertools.product(*parts):
+            names.add("".join(a + b for a, b in itertools.zip_longest(literals, choice, fillvalue="")))
+    return names
+
+
+def test_the_readme_table_lists_exactly_the_runnable_configs():
+    assert readme_config_names() == {p.stem for p in RUNNABLE}
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)

@@ -8,6 +8,7 @@ for missing or malformed data."""
 import contextlib
 import io
 import json
+import shutil
 import math
 import sys
 from pathlib import Path
@@ -229,3 +230,8 @@ def test_default_output_of_a_hugging_face_model_lies_beside_it(char_run, tmp_pat
                  "--num_draws=1", "--limit=1"])
     assert (tmp_path / "hf-eval_downstream.json").is_file()
     assert not list((tmp_path / "hf").glob("eval_downstream*")), "the export directory stays as exported"
+
+
+def test_task_folders_spelled_as_in_the_superglue_download_are_found(tmp_path):
+    shutil.copytree(FIXTURE / "rte", tmp_path / "RTE")
+    assert ed.load_task_data(tmp_path, "rte") == ed.load_task_data(FIXTURE, "rte")
