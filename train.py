@@ -127,9 +127,15 @@ def validate(cfg: Config, world_size: int) -> None:
             raise UserError(f"{key}={cfg[key]} must be >= 0")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0:
         raise UserError("max_iters and warmup_iters must be >= 0")
-    for key in ("beta1", "beta2"):
+    for key in ("beta1", "beta2", "dropout"):
         if not 0.0 <= cfg[key] < 1.0:
             raise UserError(f"{key}={cfg[key]} must lie in [0, 1)")
+    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr={cfg.min_lr} exceeds learning_rate={cfg.learning_rate}: the schedule would rise; "
+                        f"lower --min_lr (the paper uses 0.05 x learning_rate)")
+    if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
+        raise UserError(f"lr_decay_iters={cfg.lr_decay_iters} is before the end of warmup_iters={cfg.warmup_iters}; "
+                        f"set --lr_decay_iters to the run's length (usually max_iters)")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}; "
                         f"pick n_embd as a multiple of n_head")
@@ -240,15 +246,19 @@ def prepare_dataset(data_dir: Path, is_master: bool) -> None:
                     f"`python {script}`" + ("" if script.exists() else f" (no such script: create {script})"))
 
 
-def check_token_file(path: Path, vocab_size: int, block_size: int) -> None:
-    """Refuse files that would crash or silently corrupt training: too short, odd size,
-    or holding token ids the model cannot embed."""
+def check_token_file(path: Path, vocab_size: int, block_size: int, expected_tokens: int | None = None) -> None:
+    """Refuse files that would crash or silently corrupt training: too short, odd size, of
+    another length than meta.json records (another dtype, or truncated), or holding token
+    ids the model cannot embed."""
     if not path.exists():
         raise UserError(f"{path} not found; rerun the dataset's prepare.py")
     size = path.stat().st_size
     if size % 2:
         raise UserError(f"{path} has an odd size ({size} bytes): it is not a uint16 token file or is "
                         f"truncated; rerun the dataset's prepare.py")
+    if expected_tokens is not None and size // 2 != expected_tokens:
+        raise UserError(f"{path} holds {size // 2} uint16 tokens but meta.json records {expected_tokens}: it was "
+                        f"written with another dtype or is truncated; rerun the dataset's prepare.py")
     if size // 2 <= block_size + 1:  # checked before the memmap, which fails on an empty file
         raise UserError(f"{path} holds {size // 2} tokens, not more than block_size+1={block_size + 1}; "
                         f"lower --block_size or use more data")
@@ -419,11 +429,13 @@ def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
     return path
 
 
-def read_checkpoint(path: Path, device: str = "cpu") -> dict:
+def read_checkpoint(path: Path) -> dict:
     """Load one checkpoint (weights_only: a checkpoint cannot run code); UserError if it is
-    damaged or not one of ours."""
+    damaged or not one of ours. The tensors stay memory-mapped on the CPU, so the ranks of a
+    large sharded run neither copy the whole file into their own memory nor onto their GPU;
+    loading them into the model and optimizer moves what each rank holds to its device."""
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not "
                         f"a checkpoint of this project") from e
@@ -435,7 +447,7 @@ def read_checkpoint(path: Path, device: str = "cpu") -> dict:
     return checkpoint
 
 
-def load_latest_checkpoint(out_dir: Path, device: str = "cpu") -> dict:
+def load_latest_checkpoint(out_dir: Path) -> dict:
     """The newest readable checkpoint in out_dir; a damaged newer one (a disk that lost
     the end of a file) is reported and skipped."""
     paths = checkpoints(out_dir)
@@ -445,7 +457,7 @@ def load_latest_checkpoint(out_dir: Path, device: str = "cpu") -> dict:
     damaged = []
     for path in reversed(paths):
         try:
-            checkpoint = read_checkpoint(path, device)
+            checkpoint = read_checkpoint(path)
         except UserError as e:
             damaged.append(e)
             continue
@@ -609,6 +621,9 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype_name = pick_dtype(cfg.dtype, device_type)
+    if cfg.fsdp and ddp and dtype_name == "float16":
+        raise UserError("fsdp=True with float16: the GradScaler's overflow check would see only each rank's shard of "
+                        "the gradients, so ranks could disagree on skipping a step; use --dtype=bfloat16")
     ptdtype = getattr(torch, dtype_name)
     autocast = nullcontext() if dtype_name == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
@@ -629,7 +644,7 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
     checkpoint = None
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and bool(checkpoints(out_dir)))
     if resume:
-        checkpoint = load_latest_checkpoint(out_dir, dev)
+        checkpoint = load_latest_checkpoint(out_dir)
         saved = checkpoint["model_args"]
         changed = {k: (saved[k], model_args[k]) for k in model_args if k not in ("vocab_size", "dropout") and saved.get(k) != model_args[k]}
         if changed:
@@ -655,7 +670,7 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         model_args["vocab_size"] = meta.get("vocab_size", 50304) if meta.get("tokenizer") == "char" else 50304
         model = GPT(GPTConfig(**model_args))
     for split in ("train", "val"):
-        check_token_file(data_dir / f"{split}.bin", model.config.vocab_size, cfg.block_size)
+        check_token_file(data_dir / f"{split}.bin", model.config.vocab_size, cfg.block_size, meta.get(f"{split}_tokens"))
     model.to(dev)
     sharded = cfg.fsdp and ddp
     if sharded:
@@ -693,6 +708,8 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         # The data and estimator generators are alike on every rank, so they continue exactly
         # on any world size; the global torch RNG (dropout) is per rank.
         set_rng_state(saved_rngs[rank % len(saved_rngs)], batches, estimator)
+        if rank >= len(saved_rngs):  # a rank the run did not have: its own dropout stream, not a copy
+            torch.manual_seed(cfg.seed + 1_000_003 * iter_num + rank)
         if len(saved_rngs) != world_size and master:
             print(f"resuming on {world_size} ranks (was {len(saved_rngs)}): the data order continues exactly, "
                   f"but gradients are reduced in another order, so the run is no longer bitwise the same")

@@ -362,6 +362,10 @@ cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
     pytest.param(["--batch_size=0"], ["batch_size=0", "positive"], id="zero-batch-size"),
     pytest.param(["--learning_rate=-1"], ["learning_rate=-1", ">= 0"], id="negative-lr"),
     pytest.param(["--beta2=1.0"], ["beta2=1.0", "[0, 1)"], id="beta2-one"),
+    pytest.param(["--dropout=2.0"], ["dropout=2.0", "[0, 1)"], id="dropout-above-one"),
+    pytest.param(["--min_lr=1e-2"], ["min_lr=0.01 exceeds learning_rate=0.003", "--min_lr"], id="min-lr-above-peak"),
+    pytest.param(["--lr_decay_iters=2"], ["lr_decay_iters=2", "warmup_iters=4", "--lr_decay_iters"],
+                 id="decay-ends-before-warmup"),
     pytest.param(["--optimizer_name=sophiag", "--hess_batch_size=100"], ["hess_batch_size=100", "exceeds"],
                  id="hess-batch-larger-than-step"),
     pytest.param(["--optimizer_name=sophiag", "--hess_estimator=fisher"], ["hess_estimator='fisher'", "empirical_fisher"],
@@ -466,6 +470,24 @@ def test_empty_token_file_is_refused(capsys, out_dir, make_dataset):
 def test_odd_sized_token_file_is_refused(capsys, out_dir, make_dataset):
     name = make_dataset(val_ids=char_ids(), meta=CHAR_META, raw={"train.bin": b"\x01" * 2001})
     expect_user_error(capsys, out_dir, [f"--dataset={name}"], "train.bin has an odd size")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float32])
+def test_token_file_of_another_dtype_is_refused(capsys, out_dir, make_dataset, dtype):
+    """Small ids written as int32 read as uint16 (id, 0) pairs: in range, and silently wrong,
+    but twice as many tokens as meta.json records."""
+    ids = char_ids()
+    name = make_dataset(val_ids=char_ids(seed=1), meta={**CHAR_META, "train_tokens": len(ids), "val_tokens": len(ids)},
+                        raw={"train.bin": ids.astype(dtype).tobytes()})
+    expect_user_error(capsys, out_dir, [f"--dataset={name}"], f"holds {len(ids) * np.dtype(dtype).itemsize // 2} uint16 "
+                      f"tokens but meta.json records {len(ids)}", "another dtype")
+
+
+def test_token_file_truncated_to_an_even_size_is_refused(capsys, out_dir, make_dataset):
+    ids = char_ids()
+    name = make_dataset(train_ids=ids[:1500], val_ids=char_ids(seed=1),
+                        meta={**CHAR_META, "train_tokens": len(ids), "val_tokens": len(ids)})
+    expect_user_error(capsys, out_dir, [f"--dataset={name}"], "holds 1500 uint16 tokens", "truncated")
 
 
 def test_accumulation_steps_not_divisible_by_world_size_fails_before_process_group(tmp_path):
