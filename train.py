@@ -754,9 +754,19 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
             save_checkpoint(out_dir, state, cfg.keep_checkpoints)
 
     # Preemption (SLURM sends SIGTERM or SIGUSR1): finish the current step, checkpoint, exit 0.
+    # Under torchrun, also when the launcher is gone (killed by a signal it does not handle):
+    # its workers would otherwise train on unsupervised.
     stop_signal: list[str] = []
     handlers = {sig: signal.signal(sig, lambda signum, _: stop_signal.append(signal.Signals(signum).name))
                 for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def stop_reason() -> str:
+        if stop_signal:
+            return f"received {stop_signal[0]}"
+        if launcher is not None and os.getppid() != launcher:
+            return "the torchrun launcher is gone"
+        return ""
     last_eval: dict = {}
     start_iter = iter_num
     loss_sum = torch.zeros((), device=dev)
@@ -839,13 +849,14 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
                 steps_since_log = applied_since_log = 0
                 t_log = time.perf_counter()
 
-            stopping = torch.tensor(float(bool(stop_signal)), device=dev)
+            reason = stop_reason()
+            stopping = torch.tensor(float(bool(reason)), device=dev)
             if ddp:  # any rank signalled: all stop at the same step
                 dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
             if stopping.item() > 0:
                 save()
                 if master:
-                    print(f"received {stop_signal[0] if stop_signal else 'a stop signal'}: saved a checkpoint at step "
+                    print(f"{reason or 'another rank received a stop signal'}: saved a checkpoint at step "
                           f"{iter_num} in {out_dir}; continue with --init_from=resume")
                 break
     finally:

@@ -18,8 +18,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,7 @@ FSDP_TOL = {"rtol": 1e-4, "atol": 5e-5}
 class Run:
     out_dir: Path
     result: dict | None = None
+    stdout: str = ""  # of single-process runs
 
     def checkpoint(self, step: int | None = None) -> dict:
         path = self.out_dir / f"ckpt_{step:08d}.pt" if step is not None else train.checkpoints(self.out_dir)[-1]
@@ -78,9 +81,10 @@ class Run:
 
 
 def single_process(out_dir: Path, *args: str) -> Run:
-    with contextlib.redirect_stdout(io.StringIO()):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
         result = train.main([*TINY, f"--out_dir={out_dir}", *args])
-    return Run(out_dir, result)
+    return Run(out_dir, result, stdout.getvalue())
 
 
 def launch(runs: dict[str, list[str]], root: Path, timeout: float = 300) -> dict[str, Run]:
@@ -348,6 +352,7 @@ def test_fsdp_checkpoint_resumes_unsharded(two_ranks, resumed):
     assert [r["iter"] for r in again.records("eval")] == [6, 12]
     a, b = full.checkpoint(), again.checkpoint()
     assert b["world_size"] == 1
+    assert "resuming on 1 ranks (was 2)" in again.stdout and "no longer bitwise" in again.stdout
     assert_state_close(a["model"], b["model"], "model", **FSDP_TOL)
     assert_state_close(a["optimizer"], b["optimizer"], "optimizer", **FSDP_TOL)
     assert again.result == pytest.approx(full.result, rel=1e-5)
@@ -377,3 +382,65 @@ def test_sophiah_with_fsdp_is_refused_at_startup_with_one_line(tmp_path):
     assert result.stderr.startswith("error: fsdp=True does not work with optimizer_name='sophiah'")
     assert "--optimizer_name=sophiag" in result.stderr and "--fsdp=False" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- preemption under torchrun
+
+def start_torchrun(out_dir: Path, *launcher_args: str) -> subprocess.Popen:
+    """A 2-rank Sophia-G run under torchrun, long enough to be stopped while it trains; the
+    launcher and its workers form one process group."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+            *launcher_args, "train.py", *TINY, f"--out_dir={out_dir}", *OPTIMIZERS["sophiag"],
+            "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000", "--log_interval=1"]
+    return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def output_after_training_starts(proc: subprocess.Popen, stop, timeout: float = 180) -> str:
+    """Wait for the 3rd step's log line, call stop(), and return everything printed until
+    the last process of the group closes its output; the group is killed after `timeout`."""
+    def kill_group():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    watchdog = threading.Timer(timeout, kill_group)
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("iter 3:"):
+                stop()
+        proc.wait()
+        return "".join(lines)
+    finally:
+        watchdog.cancel()
+        kill_group()
+
+
+def assert_stopped_with_a_resumable_checkpoint(out_dir: Path, output: str, reason: str) -> None:
+    assert f"{reason}: saved a checkpoint at step" in output, output[-3000:]
+    step = torch.load(train.checkpoints(out_dir)[-1], map_location="cpu", weights_only=True)["iter_num"]
+    assert step >= 3
+    again = single_process(out_dir, *OPTIMIZERS["sophiag"], "--init_from=resume", f"--max_iters={step + 2}",
+                           "--lr_decay_iters=100000", "--eval_interval=100000")
+    assert again.result["iter"] == step + 2
+
+
+def test_sigusr1_to_torchrun_is_forwarded_and_the_ranks_checkpoint_and_stop(tmp_path):
+    """The README's SLURM recipe: torchrun forwards SIGUSR1 when told to handle it; the ranks
+    finish their step, checkpoint and exit (torchrun itself then exits 1 after reporting the
+    signal: its own behaviour)."""
+    proc = start_torchrun(tmp_path, "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    output = output_after_training_starts(proc, lambda: proc.send_signal(signal.SIGUSR1))
+    assert "closing signal SIGUSR1" in output
+    assert_stopped_with_a_resumable_checkpoint(tmp_path, output, "received SIGUSR1")
+
+
+def test_ranks_whose_launcher_was_killed_checkpoint_and_stop(tmp_path):
+    """torchrun killed outright (kill -9, or SIGUSR1 when it does not handle it): its workers
+    notice that their parent is gone instead of training on unsupervised."""
+    proc = start_torchrun(tmp_path)
+    output = output_after_training_starts(proc, proc.kill)  # the launcher only
+    assert_stopped_with_a_resumable_checkpoint(tmp_path, output, "the torchrun launcher is gone")

@@ -164,6 +164,27 @@ def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched(tmp_p
     assert "non-finite loss or gradient, step skipped" in run.stdout
 
 
+@pytest.mark.parametrize("name", ["sophiag", "sophiah"])
+def test_a_non_finite_step_on_a_hessian_refresh_keeps_the_estimate_taken_before_it(tmp_path, poison_steps, name):
+    """hess_interval=3: h is estimated at theta_3 before step 3, whose gradient is NaN. The
+    parameters, m and the step count are those of a 3-step run; h holds the (finite)
+    estimate at theta_3, exactly as a clean 4-step run's h: the curvature measured before the
+    bad gradient is kept (undoing it would cost a copy of h at every refresh)."""
+    args = ["--lr_decay_iters=6", "--eval_interval=1000", "--decay_lr=False", f"--optimizer_name={name}"]
+    poison_steps.add(3)
+    run_train(tmp_path / "bad", *args, "--max_iters=4")
+    poison_steps.clear()
+    run_train(tmp_path / "three", *args, "--max_iters=3")
+    run_train(tmp_path / "four", *args, "--max_iters=4")
+    bad, three, four = (load_ckpt(tmp_path / d) for d in ("bad", "three", "four"))
+    assert_same_tensors(bad["model"], three["model"], "model")
+    for i, state in bad["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], three["optimizer"]["state"][i]["exp_avg"])
+        assert torch.equal(state["step"], three["optimizer"]["state"][i]["step"])
+        assert torch.equal(state["hessian"], four["optimizer"]["state"][i]["hessian"])
+        assert not torch.equal(state["hessian"], three["optimizer"]["state"][i]["hessian"])
+
+
 def test_too_many_bad_steps_in_a_row_stop_the_run_with_one_line_and_a_good_checkpoint(
         tmp_path, poison_steps, capsys):
     poison_steps.update(range(3, 100))

@@ -236,18 +236,22 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_run_state(twenty_step_
     # The weights are the trained model: evaluating them reproduces the logged val loss (below).
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(twenty_step_run, tmp_path):
-    """10 steps, checkpoint, then `init_from=resume` to 20 ends exactly where the 20-step
-    run ends: same losses, weights and optimizer state. The checkpoint holds the RNG
+@pytest.mark.parametrize("stop", [8, 9, 10], ids=["before-refresh", "on-refresh", "after-refresh"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(twenty_step_run, tmp_path, stop):
+    """`stop` steps, checkpoint, then `init_from=resume` to 20 ends exactly where the
+    20-step run ends: same losses, weights and optimizer state. With hess_interval=3 the
+    Hessian is estimated before steps 0, 3, 6, 9, ...: stopping after 8, 9 or 10 steps puts
+    the refresh just after, at or just before the resume. The checkpoint holds the RNG
     states (torch, data order, Hessian estimator), so nothing is redrawn."""
     name, full = twenty_step_run
     args = [*TWENTY_STEPS, *RUNS[name]]
-    run_train(tmp_path, *args, "--max_iters=10")
-    assert load_ckpt(tmp_path)["iter_num"] == 10
+    run_train(tmp_path, *args, f"--max_iters={stop}", "--always_save_checkpoint=True")
+    assert load_ckpt(tmp_path)["iter_num"] == stop
     resumed = run_train(tmp_path, *args, "--init_from=resume")
-    # The second part really started from step 10 (a silent restart from scratch would also
-    # end at step 20): evaluations at 0 and 10, then 10 again on resume, and 20.
-    assert [r["iter"] for r in resumed.records("eval")] == [0, 10, 10, 20]
+    # The second part really started from `stop` (a restart from scratch would also end at
+    # step 20, but log a second evaluation at 0): evaluations at 0, `stop` (the end of the
+    # first part), 10 and 20.
+    assert [r["iter"] for r in resumed.records("eval")] == sorted([0, stop, 10, 20])
     assert resumed.result == full.result
     a, b = load_ckpt(full.out_dir), load_ckpt(tmp_path)
     assert_same_tensors(a["model"], b["model"], "model")
