@@ -120,7 +120,8 @@ class Sophia(torch.optim.Optimizer):
 
         `h_hat` lists one tensor per parameter, in param-group order (None skips a
         parameter). If any entry is NaN or Inf the whole estimate is dropped (h keeps its
-        value) and counted in stats()["skipped_estimates"]; this check costs no host sync.
+        value) and counted in stats()["skipped_estimates"]; this check costs no host sync
+        (under FSDP2, one all-reduce of a flag, so every rank drops it or none).
         """
         pairs = []
         it = iter(h_hat)
@@ -141,6 +142,11 @@ class Sophia(torch.optim.Optimizer):
         # min and max propagate NaN and show Inf: one read, no boolean temporaries.
         finite = torch.isfinite(torch.stack([x for e in estimates if e.numel() for x in torch.aminmax(e)]
                                             or [torch.zeros((), device=hessians[0].device)])).all()
+        sharded = [h for _, h, _ in pairs if isinstance(h, DTensor)]
+        if sharded:  # FSDP2: each rank sees its shards only; drop the estimate on every rank or none
+            agreed = finite.float()
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=sharded[0].device_mesh.get_group())
+            finite = agreed.bool()
         if self._stat_skipped_estimates is None:
             self._stat_skipped_estimates = torch.zeros((), device=hessians[0].device)
         self._stat_skipped_estimates += (~finite).float()

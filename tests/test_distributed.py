@@ -444,3 +444,35 @@ def test_ranks_whose_launcher_was_killed_checkpoint_and_stop(tmp_path):
     proc = start_torchrun(tmp_path)
     output = output_after_training_starts(proc, proc.kill)  # the launcher only
     assert_stopped_with_a_resumable_checkpoint(tmp_path, output, "the torchrun launcher is gone")
+
+
+# ----------------------------------------------------------------------------- Sophia on shards
+
+def _drop_an_estimate_that_is_bad_on_one_shard(rank: int, port: int, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        from sophia import SophiaG
+        mesh = init_device_mesh("cpu", (WORLD,))
+        param = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+        optimizer = SophiaG([param], lr=0.1)
+        estimate = torch.ones(4, 3)
+        optimizer.update_hessian([distribute_tensor(estimate, mesh, [Shard(0)])])
+        estimate[0, 0] = float("nan")  # in rank 0's shard only
+        optimizer.update_hessian([distribute_tensor(estimate, mesh, [Shard(0)])])
+        hessian = optimizer.state[param]["hessian"].to_local()
+        torch.save({"hessian": hessian, "stats": optimizer.stats()}, Path(result_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_hessian_estimate_non_finite_on_one_shard_is_dropped_on_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_drop_an_estimate_that_is_bad_on_one_shard, args=(free_port(), str(tmp_path)),
+                                nprocs=WORLD)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(result["hessian"], torch.full((2, 3), 0.01)), rank  # the first estimate only
+        assert result["stats"]["skipped_estimates"] == 1
