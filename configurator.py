@@ -143,7 +143,11 @@ def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | N
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
-            print_help(defaults, help_source)
+            try:
+                print_help(defaults, help_source)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `--help | head`: the reader has all it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
             sys.exit(0)
         if not arg.startswith("--"):
             apply_config_file(arg, config)

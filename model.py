@@ -9,6 +9,7 @@ Hessian-vector products (Sophia-H).
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -267,20 +268,24 @@ class GPT(nn.Module):
         return idx
 
 
-# bf16 dense tensor-core peak FLOP/s, by substring of torch.cuda.get_device_name().
+# bf16 dense tensor-core peak FLOP/s, by model name (a whole word of torch.cuda.get_device_name()).
 PEAK_FLOPS = {
     "H200": 989e12,
     "H100": 989e12,  # SXM; the PCIe card is lower (756e12)
     "A100": 312e12,
     "A10": 125e12,
+    "L40S": 362e12,
     "L4": 121e12,
     "4090": 165e12,
     "V100": 125e12,  # fp16: V100 has no bf16
 }
+# Other GPUs: MFU against an A100, as nanoGPT reports it (train.py prints the peak it uses).
+FALLBACK_PEAK_FLOPS = PEAK_FLOPS["A100"]
 
 
 def peak_flops(device: torch.device | str | None = None) -> float | None:
-    """Peak bf16 FLOP/s of a CUDA device from PEAK_FLOPS, None for CPUs and unknown GPUs."""
+    """Peak bf16 FLOP/s of a CUDA device from PEAK_FLOPS (FALLBACK_PEAK_FLOPS for GPUs not in
+    the table), None for CPUs and other devices."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -289,5 +294,5 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
     name = torch.cuda.get_device_name(device)
     if "H100" in name and "PCIe" in name:
         return 756e12
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_FLOPS.items() if re.search(rf"\b{k}\b", name)), FALLBACK_PEAK_FLOPS)
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import configurator
 from configurator import UserError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, peak_flops
 from tokenizer import read_meta
 from sophia import IMPLEMENTATIONS as _IMPLEMENTATIONS  # "_": a public tuple here would be a config key
 from sophia import Sophia, SophiaG, SophiaH, gnb_hessian, hutchinson_hessian, set_grad_sync
@@ -259,8 +259,8 @@ def check_token_file(path: Path, vocab_size: int, block_size: int, expected_toke
     if expected_tokens is not None and size // 2 != expected_tokens:
         raise UserError(f"{path} holds {size // 2} uint16 tokens but meta.json records {expected_tokens}: it was "
                         f"written with another dtype or is truncated; rerun the dataset's prepare.py")
-    if size // 2 <= block_size + 1:  # checked before the memmap, which fails on an empty file
-        raise UserError(f"{path} holds {size // 2} tokens, not more than block_size+1={block_size + 1}; "
+    if size // 2 < block_size + 1:  # checked before the memmap, which fails on an empty file
+        raise UserError(f"{path} holds {size // 2} tokens, fewer than block_size+1={block_size + 1}; "
                         f"lower --block_size or use more data")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     # Full scan up to 2^31 tokens; beyond, 256 evenly spaced chunks of 1M tokens.
@@ -645,6 +645,9 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and bool(checkpoints(out_dir)))
     if resume:
         checkpoint = load_latest_checkpoint(out_dir)
+        if checkpoint["config"]["dataset"] != cfg.dataset:
+            raise UserError(f"checkpoint in {out_dir} was trained on dataset {checkpoint['config']['dataset']!r}, not "
+                            f"{cfg.dataset!r}; resume with --dataset={checkpoint['config']['dataset']}, or use a new --out_dir")
         saved = checkpoint["model_args"]
         changed = {k: (saved[k], model_args[k]) for k in model_args if k not in ("vocab_size", "dropout") and saved.get(k) != model_args[k]}
         if changed:
@@ -671,6 +674,9 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         model = GPT(GPTConfig(**model_args))
     for split in ("train", "val"):
         check_token_file(data_dir / f"{split}.bin", model.config.vocab_size, cfg.block_size, meta.get(f"{split}_tokens"))
+    if not resume and checkpoints(out_dir):
+        raise UserError(f"out_dir={str(out_dir)!r} already holds a run's checkpoints, which a new run would replace; "
+                        f"continue it with --init_from=resume (or auto), or choose a new --out_dir")
     model.to(dev)
     sharded = cfg.fsdp and ddp
     if sharded:
@@ -720,6 +726,9 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         n_params = eager_model.get_num_params()
         print(f"{n_params / 1e6:.2f}M parameters, {cfg.optimizer_name}, {tokens_per_iter:,} tokens per step, "
               f"device {dev}, dtype {dtype_name}, world size {world_size}")
+        if peak_flops(dev) is not None:
+            print(f"mfu is against {peak_flops(dev) / 1e12:.0f} TFLOP/s bf16 for {torch.cuda.get_device_name(dev)} "
+                  f"(a GPU missing from model.PEAK_FLOPS counts as an A100)")
         (out_dir / "config.json").write_text(json.dumps(dict(cfg), indent=2))
         if cfg.wandb_log:
             wandb = init_wandb(cfg, out_dir)

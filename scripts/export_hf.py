@@ -164,8 +164,8 @@ def prepare_hf_dir(hf_dir: str, overwrite: bool) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     """Export --out_dir's latest checkpoint to --hf_dir; returns hf_dir."""
     cfg = configurator.parse(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__)
-    path = prepare_hf_dir(cfg["hf_dir"], cfg["overwrite"])
     model, meta = load_run(cfg["out_dir"])
+    path = prepare_hf_dir(cfg["hf_dir"], cfg["overwrite"])
     export(model, meta, path)
     kind = "GPT-2 BPE tokenizer" if meta["tokenizer"] == "gpt2" else f"character vocabulary in {CHAR_VOCAB_FILE}"
     print(f"exported {cfg['out_dir']} ({model.get_num_params() / 1e6:.2f}M parameters) to {path} with the {kind}")

@@ -224,6 +224,16 @@ def test_every_key_has_a_meaning_comment_in_train_py():
     assert set(DEFAULTS) <= set(meanings), sorted(set(DEFAULTS) - set(meanings))
 
 
+def test_help_piped_into_a_reader_that_stops_early_exits_quietly():
+    """`python train.py --help | head -3`: no BrokenPipeError traceback. Here the reader is
+    gone before anything is written."""
+    proc = subprocess.Popen([sys.executable, "train.py", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+
+
 def test_help_lists_every_key_with_default_and_meaning():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                             check=False, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -348,6 +348,20 @@ def test_flops_per_token_is_6n_plus_attention_term():
     assert model.flops_per_token() == 6 * model.get_num_params() + 12 * L * C * T
 
 
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA B200", 312e12),  # not in the table: the A100 fallback
+])
+def test_peak_flops_looks_up_the_gpu_by_model_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda") == peak
+    model = tiny()
+    assert model.estimate_mfu(tokens_per_iter=1000, dt=1.0, device="cuda") == pytest.approx(
+        1000 * model.flops_per_token() / peak)
+
+
 def test_estimate_mfu_is_none_on_cpu():
     model = tiny()
     assert peak_flops("cpu") is None

@@ -392,10 +392,21 @@ def test_bad_input_is_refused_with_one_error_line(capsys, out_dir, args, fragmen
     expect_user_error(capsys, out_dir, args, *fragments)
 
 
-def test_gpt2_init_that_cannot_get_the_weights_is_refused(capsys, out_dir, gpt2_hub):
+def test_gpt2_init_that_cannot_get_the_weights_is_refused(capsys, tmp_path, gpt2_hub):
     """An offline machine without the weights in its Hugging Face cache (simulated)."""
     gpt2_hub.cached = gpt2_hub.online = False
-    expect_user_error(capsys, out_dir, ["--init_from=gpt2"], "init_from='gpt2'", "Hugging Face cache")
+    expect_user_error(capsys, tmp_path, ["--init_from=gpt2"], "init_from='gpt2'", "Hugging Face cache")
+
+
+def test_a_new_run_into_the_out_dir_of_another_is_refused(capsys, out_dir):
+    """Its checkpoints would be pruned by the new run's (keep_checkpoints)."""
+    expect_user_error(capsys, out_dir, ["--init_from=scratch"], "already holds a run's checkpoints",
+                      "--init_from=resume", "new --out_dir")
+
+
+def test_resume_on_another_dataset_is_refused(capsys, out_dir):
+    expect_user_error(capsys, out_dir, ["--init_from=resume", "--dataset=shakespeare"],
+                      "trained on dataset 'shakespeare_char', not 'shakespeare'", "--dataset=shakespeare_char")
 
 
 def test_gpt2_init_fine_tunes_openai_weights_on_a_bpe_dataset(tmp_path, gpt2_hub):
@@ -464,6 +475,12 @@ def test_block_size_larger_than_the_data_is_refused(capsys, out_dir, make_datase
     name = make_dataset(train_ids=char_ids(50), val_ids=char_ids(2000), meta=CHAR_META)
     expect_user_error(capsys, out_dir, [f"--dataset={name}", "--block_size=64"], "train.bin holds 50 tokens",
                       "--block_size")
+
+
+def test_data_of_exactly_one_window_trains(tmp_path, make_dataset):
+    name = make_dataset(train_ids=char_ids(33), val_ids=char_ids(33, seed=1), meta=CHAR_META)
+    assert math.isfinite(run_train(tmp_path, f"--dataset={name}", "--max_iters=1", "--eval_interval=1")
+                         .result["val_loss"])
 
 
 def test_empty_token_file_is_refused(capsys, out_dir, make_dataset):
