@@ -20,7 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on compute nodes
 import matplotlib.pyplot as plt
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 # Run as `python scripts/plot_runs.py`: the project's modules live one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,7 +91,7 @@ def make_figure(paths: list[str | Path], labels: list[str] | None = None, x: str
         train_records = run.get("train", [])
         if train_records:
             ax.plot([r["iter"] * scale for r in train_records], [r["loss"] for r in train_records],
-                    color=color, alpha=0.35, linewidth=0.8)
+                    color=color, alpha=0.35, linewidth=0.8, marker="." if len(train_records) == 1 else None)
         evals = run.get("eval", [])
         if evals:
             ax.plot([r["iter"] * scale for r in evals], [r["val_loss"] for r in evals], color=color,
@@ -100,6 +100,7 @@ def make_figure(paths: list[str | Path], labels: list[str] | None = None, x: str
             ax.plot([], [], color=color, linewidth=2, label=f"{label} (no evaluation yet)")
     ax.plot([], [], color="grey", alpha=0.35, linewidth=0.8, label="train loss (log lines)")
     ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and tokens: no "500m" ticks on short runs
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, 4.9G: short enough for the small panels
     ax.set_ylabel("loss")
     if ylim:

@@ -120,3 +120,19 @@ def test_unwritable_output_is_one_error_line(capsys, tmp_path):
     run = write_run(tmp_path / "run", sophia=False)
     (tmp_path / "blocker").write_text("a file where a folder should be")
     expect_one_line_error(capsys, [str(run), f"--output={tmp_path / 'blocker' / 'x.png'}"], "choose another --output")
+
+
+def test_a_short_run_has_whole_step_ticks_and_a_visible_single_train_point(tmp_path):
+    run = tmp_path / "short"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"kind": "eval", "iter": 0, "val_loss": 4.2}\n{"kind": "train", "iter": 2, "loss": 4.1}\n'
+        '{"kind": "eval", "iter": 2, "val_loss": 4.0}\n')
+    fig = plot_runs.make_figure([run])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert "" not in [label.get_text() for label in ax.get_xticklabels()]
+    train_line = ax.get_lines()[0]
+    assert list(train_line.get_xdata()) == [2] and train_line.get_marker() not in (None, "None", "")
+    plot_runs.plt.close("all")
