@@ -677,12 +677,14 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
     if not resume and checkpoints(out_dir):
         raise UserError(f"out_dir={str(out_dir)!r} already holds a run's checkpoints, which a new run would replace; "
                         f"continue it with --init_from=resume (or auto), or choose a new --out_dir")
-    model.to(dev)
     sharded = cfg.fsdp and ddp
     if sharded:
-        shard_model(model, device_type, world_size)  # before the optimizer: it holds the shards
+        # Before the optimizer (it holds the shards) and before moving to the GPU: fully_shard
+        # moves one block at a time and shards it, so the whole model is never on one GPU.
+        shard_model(model, device_type, world_size)
     elif cfg.fsdp and master:
         print("fsdp=True in a single process: nothing to shard, training unsharded")
+    model.to(dev)
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == "float16"))
     optimizer = build_optimizer(cfg, model, device_type)
