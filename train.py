@@ -912,9 +912,10 @@ def init_wandb(cfg: Config, out_dir: Path):
     try:
         return wandb.init(**settings)
     except wandb.errors.Error as e:
-        print(f"wandb: could not log online ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        print(f"wandb: could not log online ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
               f"logging offline to {out_dir / 'wandb'} instead")
         return wandb.init(mode="offline", **settings)
+
 
 if __name__ == "__main__":
     main()

@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("num_fewshot", "num_draws", "batch_size"):
         if cfg[key] <= 0:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
-    default_output = f"{cfg['hf_dir']}-eval_downstream" if cfg["hf_dir"] else str(Path(cfg["out_dir"]) / "eval_downstream")
+    default_output = f"{Path(cfg['hf_dir'])}-eval_downstream" if cfg["hf_dir"] else str(Path(cfg["out_dir"]) / "eval_downstream")
     output = cfg["output"] or default_output
     data = {name: load_task_data(cfg["data_dir"], name) for name in names}
     scorer, source = load_scorer(cfg)
