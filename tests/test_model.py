@@ -165,18 +165,22 @@ def test_bias_false_model_has_no_biases():
 # ----------------------------------------------------------------------------- attention
 
 def test_attention_backends_agree_with_a_hand_written_causal_attention():
-    """Default SDPA (flash/efficient kernels where available), the math kernel forced
-    by math_attention(), and an explicit softmax(q k^T / sqrt(d)) v all give the same
-    logits (float64, so only rounding can differ)."""
+    """Default SDPA, the flash kernel forced (PyTorch has one for CPUs too, so this runs a
+    fused kernel, not the math fallback), the math kernel forced by math_attention(), and
+    an explicit softmax(q k^T / sqrt(d)) v all give the same logits (float64, so only
+    rounding can differ)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     model = tiny().double()
     idx = tokens()
     with torch.no_grad():
         default, _ = model(idx)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash, _ = model(idx)
         with math_attention():
             math_kernel, _ = model(idx)
         reference = reference_logits(model, idx)
-    torch.testing.assert_close(default, reference, rtol=0, atol=1e-10)
-    torch.testing.assert_close(math_kernel, reference, rtol=0, atol=1e-10)
+    for logits in (default, flash, math_kernel):
+        torch.testing.assert_close(logits, reference, rtol=0, atol=1e-10)
 
 
 def test_math_attention_supports_double_backward():
