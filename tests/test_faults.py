@@ -111,6 +111,39 @@ def test_a_checkpoint_cut_off_mid_write_is_skipped_for_the_previous_one(tmp_path
     assert_same_tensors(final_state(tmp_path), uninterrupted["adamw"])
 
 
+DIE_IN_THE_THIRD_SAVE = """
+import io, os, runpy, signal, sys, torch
+real_save, saves = torch.save, []
+def save(obj, f, *args, **kwargs):
+    saves.append(1)
+    if len(saves) < 3:
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_kill_9_half_way_through_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, uninterrupted):
+    """Deterministic: the process dies with half of its 3rd checkpoint (step 15) on disk."""
+    args = [*SIXTY, "--optimizer_name=sophiag", "--eval_interval=5", "--eval_iters=1"]
+    died = subprocess.run([sys.executable, "-c", DIE_IN_THE_THIRD_SAVE, *TINY, f"--out_dir={tmp_path}", *args],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
+    assert died.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_00000005.pt", "ckpt_00000010.pt",
+                                                               "ckpt_00000015.pt.tmp"]
+    assert train.load_latest_checkpoint(tmp_path)["iter_num"] == 10
+    run_train(tmp_path, *args, "--init_from=auto")
+    assert not list(tmp_path.glob("*.tmp"))
+    assert_same_tensors(final_state(tmp_path), uninterrupted["sophiag"])
+
+
 def test_init_from_auto_starts_fresh_without_a_checkpoint_and_resumes_with_one(tmp_path, uninterrupted):
     run_train(tmp_path, *SIXTY, "--optimizer_name=lion", "--max_iters=20", "--init_from=auto")
     assert load_ckpt(tmp_path)["iter_num"] == 20
