@@ -151,7 +151,7 @@ class Sophia(torch.optim.Optimizer):
             self._stat_skipped_estimates = torch.zeros((), device=hessians[0].device)
         self._stat_skipped_estimates += (~finite).float()
         weights = [1.0 - group["betas"][1] for group, _, _ in pairs]
-        if self._resolve_impl(hessians[0].device, any(isinstance(h, DTensor) for _, h, _ in pairs)) == "compiled":
+        if self._resolve_impl(hessians[0].device, bool(sharded)) == "compiled":
             global _compiled_fold
             if _compiled_fold is None:
                 _compiled_fold = torch.compile(_fold_hessian, fullgraph=True, dynamic=False)

@@ -728,8 +728,9 @@ def run(cfg: Config, dev: str, device_type: str, rank: int, world_size: int, ddp
         n_params = eager_model.get_num_params()
         print(f"{n_params / 1e6:.2f}M parameters, {cfg.optimizer_name}, {tokens_per_iter:,} tokens per step, "
               f"device {dev}, dtype {dtype_name}, world size {world_size}")
-        if peak_flops(dev) is not None:
-            print(f"mfu is against {peak_flops(dev) / 1e12:.0f} TFLOP/s bf16 for {torch.cuda.get_device_name(dev)} "
+        peak = peak_flops(dev)
+        if peak is not None:
+            print(f"mfu is against {peak / 1e12:.0f} TFLOP/s bf16 for {torch.cuda.get_device_name(dev)} "
                   f"(a GPU missing from model.PEAK_FLOPS counts as an A100)")
         (out_dir / "config.json").write_text(json.dumps(dict(cfg), indent=2))
         if cfg.wandb_log:
