@@ -18,38 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime import UserError
+
 CONFIG_TYPES = (bool, int, float, str, tuple, type(None))
-
-
-class UserError(Exception):
-    """A mistake the user can fix; the message names the problem and the fix. Scripts
-    print it as one line and exit with status 2 instead of showing a traceback."""
-
-
-def exit_on_user_error(fn):
-    """Decorator for a script's main(): a UserError becomes one line on stderr and exit 2."""
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            # One line even when the message quotes a multi-line exception (e.g. torch.load's).
-            print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
-            sys.exit(2)
-    return wrapper
-
-
-def writable_dir(path: str | Path, option: str) -> Path:
-    """Create the directory `path` if needed and check that files can be written in it, before
-    any work is done; a UserError naming the command-line `option` to change otherwise."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to {str(path)!r} ({e.strerror}); choose another {option}") from None
-    return path
 
 
 def config_keys(namespace: dict[str, Any]) -> list[str]:
@@ -57,6 +28,25 @@ def config_keys(namespace: dict[str, Any]) -> list[str]:
     (UPPER_CASE constants such as typing's TYPE_CHECKING are not settings)."""
     return [k for k, v in namespace.items()
             if not k.startswith("_") and k.islower() and isinstance(v, CONFIG_TYPES)]
+
+
+def read_literals(source_file: str | Path) -> dict[str, Any]:
+    """The top-level `NAME = literal` assignments of a Python file, read without importing it."""
+    values = {}
+    for node in ast.parse(Path(source_file).read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    return values
+
+
+def read_defaults(source_file: str | Path) -> dict[str, Any]:
+    """The settings a script declares as top-level `key = literal  # meaning` lines (train.py's
+    defaults), in file order; scripts/compare.py plans train.py's runs from them."""
+    values = read_literals(source_file)
+    return {k: values[k] for k in config_keys(values)}
 
 
 def key_help(source_file: str | Path) -> dict[str, str]:

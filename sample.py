@@ -8,16 +8,15 @@ GPT-2 BPE); GPT-2 weights use GPT-2's BPE. Keys as in train.py: --help lists the
 
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 import configurator
-from configurator import UserError
+from checkpoint import load_trained_model
 from model import GPT
+from runtime import UserError, autocast, device_type, exit_on_user_error, pick_device, pick_dtype
 from tokenizer import gpt2_encoding, load_tokenizer
-from train import load_trained_model, pick_device, pick_dtype
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir) or 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
 out_dir = "out-shakespeare-char"  # the training run to sample from
@@ -28,7 +27,7 @@ temperature = 0.8  # < 1 sharpens, > 1 flattens the distribution; 0 is greedy
 top_k = 200  # keep only the k most likely tokens (0 keeps all)
 seed = 1337  # the sampling seed
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
-dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, float32 otherwise), 'float32', 'bfloat16', 'float16'
+dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU), or explicit
 DEFAULTS = {k: globals()[k] for k in configurator.config_keys(dict(globals()))}
 
 
@@ -46,7 +45,7 @@ def load_model(cfg: dict) -> tuple[GPT, Callable[[str], list[int]], Callable[[li
     return model, encode, decode
 
 
-@configurator.exit_on_user_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> list[str]:
     """Print and return the samples."""
     cfg = configurator.parse(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__)
@@ -54,10 +53,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         if cfg[key] < low:
             raise UserError(f"{key}={cfg[key]} must be at least {low}; see --help")
     dev = pick_device(cfg["device"])
-    device_type = "cuda" if dev.startswith("cuda") else dev
-    dtype_name = pick_dtype(cfg["dtype"], device_type)
-    autocast = (nullcontext() if dtype_name == "float32"
-                else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name)))
+    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
     model, encode, decode = load_model(cfg)
     model.eval().to(dev)
 
@@ -76,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None, ...]
     generator = torch.Generator(device=dev).manual_seed(cfg["seed"])
     samples = []
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), mixed:
         for _ in range(cfg["num_samples"]):
             y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"],
                                top_k=cfg["top_k"] or None, generator=generator)

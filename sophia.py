@@ -14,29 +14,38 @@ Two options exist only for the paper's ablations (Fig. 7b, 7c): clip=False drops
 with h an EMA of squared estimates (the AdaHessian-style pre-conditioner).
 
 Where h <= 0 the ratio m / eps is huge, so the clip turns the update into lr sign(m): the
-paper's fallback to sign momentum, never a step uphill (the reference implementation's
-|m| / (rho h) reverses the sign of m when h < 0).
+paper's fallback to sign momentum, never a step uphill (the authors' code's |m| / (rho h)
+reverses the sign of m when h < 0).
 
-The update has three implementations that compute the same thing:
-  "reference"  a per-tensor loop that reads like the formula; the tests hold the others to it;
-  "foreach"    torch._foreach_* kernels over all tensors of a group at once;
-  "compiled"   the foreach version through torch.compile, fused into a few kernels (lr lives
-               in a tensor so a changing schedule does not recompile).
+The update is written once, as an elementwise function of one tensor (`_sophia_update`), and
+run two ways:
+  "reference"  a per-tensor Python loop over it, eagerly: the tests hold the other to it;
+  "compiled"   the same loop through torch.compile: one fused pass over p, g, m, h per
+               tensor (lr lives in a 0-dim tensor so a changing schedule does not recompile).
+impl="auto" picks "compiled" wherever torch.compile works on the parameters' device (CUDA
+with triton; the CPU with the C++ compiler inductor needs), else "reference".
+
+This module needs nothing but torch: `pip install .` installs it alone as `sophia`.
 """
 
 import contextlib
-import math
-from typing import Callable, Iterable, Sequence
+import functools
+import warnings
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.optim.optimizer import ParamsT
 
-from model import math_attention
+__all__ = ["IMPLEMENTATIONS", "Sophia", "SophiaG", "SophiaH", "gnb_hessian", "hutchinson_hessian",
+           "sample_labels"]
 
-IMPLEMENTATIONS = ("reference", "foreach", "compiled")
+IMPLEMENTATIONS = ("reference", "compiled")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -48,16 +57,23 @@ def _local(t: Tensor) -> Tensor:
 class Sophia(torch.optim.Optimizer):
     """Sophia's update rule; the Hessian estimate comes from outside via update_hessian().
 
-    Args:
+    Args (all but params by keyword):
         params: parameters or param groups, as for any torch optimizer.
         lr: peak learning rate; the largest step any coordinate can take.
-        betas: (beta1, beta2): EMA rates of the gradient and of the Hessian estimates.
+        betas: (beta1, beta2): EMA rates of the gradient and of the Hessian estimates. The
+            paper's (0.96, 0.99) (Sec. 3.1, App. C.1); the authors' code
+            (github.com/Liuhong99/Sophia, sophia.py) defaults to (0.965, 0.99) instead.
         rho: the paper's gamma; scales h in the denominator and so sets how many
             coordinates are clipped (tune it so 10-50% are not).
         weight_decay: decoupled, applied as theta <- theta (1 - lr wd).
         eps: floor of the denominator; also what makes h <= 0 fall back to sign(m).
         maximize: ascend instead of descend.
-        impl: "reference", "foreach", "compiled", or "auto" (compiled on CUDA, else foreach).
+        impl: "reference", "compiled", or "auto": compiled where torch.compile works on the
+            parameters' device (probed once per device type with a one-line function; it
+            needs triton on CUDA and a C++ compiler on the CPU), else reference. Every param
+            group (its shapes and float hyperparameters) is a graph of its own; past
+            torch._dynamo's recompile limit (8 graphs by default, e.g. after many models in
+            one process) torch warns and runs the same function eagerly, i.e. the reference.
         stats_every: count the unclipped coordinates (stats()["win_rate"]) on every
             stats_every-th step only, e.g. the logging interval: the count is one more read
             of m and h per step, about a quarter of the compiled update's memory traffic.
@@ -65,12 +81,23 @@ class Sophia(torch.optim.Optimizer):
         clip: ablation only; False updates by lr m / max(rho h, eps) unclipped.
         sqrt_hessian: ablation only; True divides by max(rho sqrt(h), eps): feed it squared
             estimates for an AdaHessian-style pre-conditioner.
+    Sophia's own rho and weight_decay defaults are those of the authors' code; SophiaG and
+    SophiaH default to the paper's.
+
+    Skipping a step without a host sync (the protocol of torch's fused AdamW): set
+    `optimizer.found_inf` to a 0-dim float tensor on the parameters' device before step();
+    where it is nonzero (e.g. a gradient overflowed) the step leaves the parameters, m and h
+    exactly as they were and is left out of stats(); where it is 0 the step is ordinary. The
+    flag is read on the device, inside the update (torch.where), never by the host. The step
+    counters still advance: state["step"] counts calls of step() (it is a CPU tensor, and
+    holding it back would need the flag on the host); no part of the update reads it, it
+    only sets which steps stats_every samples.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+    def __init__(self, params: ParamsT, *, lr: float = 1e-4, betas: tuple[float, float] = (0.96, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, eps: float = 1e-12,
-                 maximize: bool = False, impl: str = "auto", stats_every: int = 1, *,
-                 clip: bool = True, sqrt_hessian: bool = False):
+                 maximize: bool = False, impl: str = "auto", stats_every: int = 1,
+                 clip: bool = True, sqrt_hessian: bool = False) -> None:
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
         if not rho >= 0.0:
@@ -91,9 +118,11 @@ class Sophia(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.impl = impl
         self.stats_every = stats_every
-        # Statistics accumulate on the device and are read (one sync) by stats().
-        self._stat_unclipped: Tensor | None = None
-        self._stat_coords = 0
+        # Calls of step(), on the host, to pick the counted steps without reading state["step"].
+        self._steps = 0
+        # Statistics accumulate on the device and are read (one sync) by stats():
+        # [unclipped coordinates, counted coordinates].
+        self._stat_counts: Tensor | None = None
         self._stat_skipped_estimates: Tensor | None = None
         self._lr_tensors: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
@@ -105,14 +134,19 @@ class Sophia(torch.optim.Optimizer):
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _resolve_impl(self, device: torch.device, any_dtensor: bool) -> str:
+    def _resolve_impl(self, device: torch.device) -> str:
         if self.impl != "auto":
-            impl = self.impl
-        else:
-            impl = "compiled" if device.type == "cuda" else "foreach"
-        if impl == "compiled" and any_dtensor:
-            return "foreach"  # inductor does not trace DTensor shards through our list op
-        return impl
+            return self.impl
+        return "compiled" if _compile_works(device.type) else "reference"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # checkpoints from before the ablation options
+            group.setdefault("clip", True)
+            group.setdefault("sqrt_hessian", False)
+        # The host counter resumes where the checkpoint's state["step"] (CPU tensors) left off.
+        steps = [s["step"] for s in self.state.values() if "step" in s]
+        self._steps = int(torch.stack(steps).max()) if steps else 0
 
     @torch.no_grad()
     def update_hessian(self, h_hat: Sequence[Tensor | None]) -> None:
@@ -151,32 +185,30 @@ class Sophia(torch.optim.Optimizer):
             self._stat_skipped_estimates = torch.zeros((), device=hessians[0].device)
         self._stat_skipped_estimates += (~finite).float()
         weights = [1.0 - group["betas"][1] for group, _, _ in pairs]
-        if self._resolve_impl(hessians[0].device, bool(sharded)) == "compiled":
-            global _compiled_fold
-            if _compiled_fold is None:
-                _compiled_fold = torch.compile(_fold_hessian, fullgraph=True, dynamic=False)
-            _compiled_fold(hessians, estimates, finite, weights)
-            return
-        # Blend in place; where the estimate is not finite, weight 0 (and no NaN * 0).
-        for h, e, w in zip(hessians, estimates, weights):
-            h.lerp_(torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0), torch.where(finite, w, 0.0).to(h.dtype))
+        fold = _fold_hessian if self._resolve_impl(hessians[0].device) == "reference" else _compiled(_fold_hessian)
+        fold(hessians, estimates, finite, weights)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One Sophia step for every parameter with a gradient; no host sync (see the class
+        docstring for `found_inf`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._steps += 1
+        count = self._steps % self.stats_every == 0
+        found_inf = getattr(self, "found_inf", None)
+        if not isinstance(found_inf, Tensor):
+            found_inf = None
         for group in self.param_groups:
             params, grads, exp_avgs, hessians, steps = [], [], [], [], []
-            any_dtensor = False
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("Sophia does not support sparse gradients")
                 state = self._state(p)
-                any_dtensor |= isinstance(p, DTensor)
                 params.append(_local(p))
                 grads.append(_local(p.grad))
                 exp_avgs.append(_local(state["exp_avg"]))
@@ -185,32 +217,25 @@ class Sophia(torch.optim.Optimizer):
             if not params:
                 continue
             torch._foreach_add_(steps, 1.0)
-            # The step counters are CPU tensors (restored with the state): no device sync.
-            count = self.stats_every == 1 or int(steps[0].item()) % self.stats_every == 0
-            beta1, _ = group["betas"]
-            impl = self._resolve_impl(params[0].device, any_dtensor)
-            args = (params, grads, exp_avgs, hessians)
-            kwargs = dict(beta1=beta1, rho=group["rho"], weight_decay=group["weight_decay"],
-                          eps=group["eps"], maximize=group["maximize"], count=count,
-                          clip=group.get("clip", True), sqrt_hessian=group.get("sqrt_hessian", False))
-            if impl == "reference":
-                unclipped = _update_reference(*args, lr=group["lr"], **kwargs)
-            elif impl == "foreach":
-                unclipped = _update_foreach(*args, lr=group["lr"], **kwargs)
+            if self._resolve_impl(params[0].device) == "reference":
+                update, count_unclipped = _update, _count_unclipped
             else:
-                # lr in float64 for float64 parameters: in float32, 1 - lr wd loses ~1e-8.
-                lr_dtype = torch.promote_types(params[0].dtype, torch.float32)
-                unclipped = _update_compiled(*args, lr=self._lr_tensor(group["lr"], params[0].device, lr_dtype),
-                                             **kwargs)
+                update, count_unclipped = _compiled(_update), _compiled(_count_unclipped)
+            # lr in float64 for float64 parameters: in float32, 1 - lr wd loses ~1e-8.
+            lr = self._lr_tensor(group["lr"], params[0].device, torch.promote_types(params[0].dtype, torch.float32))
+            denominator = dict(rho=group["rho"], eps=group["eps"], sqrt_hessian=group["sqrt_hessian"])
+            update(params, grads, exp_avgs, hessians, lr, found_inf, beta1=group["betas"][0],
+                   weight_decay=group["weight_decay"], maximize=group["maximize"], clip=group["clip"], **denominator)
             if not count:
                 continue
-            if self._stat_unclipped is None:
-                self._stat_unclipped = torch.zeros((), device=params[0].device, dtype=torch.float64)
-            self._stat_unclipped += unclipped
-            self._stat_coords += sum(p.numel() for p in params)
+            unclipped = count_unclipped(exp_avgs, hessians, **denominator)
+            counts = torch.stack([unclipped, torch.full_like(unclipped, sum(p.numel() for p in params))])
+            if found_inf is not None:  # a skipped step is not a sample of the win rate
+                counts = counts * (found_inf == 0)
+            self._stat_counts = counts if self._stat_counts is None else self._stat_counts + counts
         return loss
 
-    def _lr_tensor(self, lr: float, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    def _lr_tensor(self, lr: float, device: torch.device, dtype: torch.dtype) -> Tensor:
         t = self._lr_tensors.get((device, dtype))
         if t is None:
             t = self._lr_tensors[(device, dtype)] = torch.zeros((), device=device, dtype=dtype)
@@ -234,182 +259,114 @@ class Sophia(torch.optim.Optimizer):
             sq = torch.stack([torch.linalg.vector_norm(h.float()) ** 2 for h in local]).sum()
         else:
             sq = torch.zeros((), device=device)
-        unclipped = self._stat_unclipped if self._stat_unclipped is not None else torch.zeros((), device=device)
+        counts = (self._stat_counts.to(device) if self._stat_counts is not None
+                  else torch.zeros(2, dtype=torch.float64, device=device))
         skipped = (self._stat_skipped_estimates if self._stat_skipped_estimates is not None
                    else torch.zeros((), device=device))
-        values = torch.stack([unclipped.double().to(device), sq.double(),
-                              torch.tensor(float(self._stat_coords), dtype=torch.float64, device=device),
-                              skipped.double().to(device)])
+        values = torch.stack([counts[0], sq.double(), counts[1], skipped.double().to(device)])
         if sharded and dist.is_initialized():
             dist.all_reduce(values[:3])
         unclipped_v, sq_v, coords_v, skipped_v = values.tolist()
         if reset:
-            self._stat_unclipped = None
-            self._stat_coords = 0
+            self._stat_counts = None
             self._stat_skipped_estimates = None
         return dict(win_rate=unclipped_v / coords_v if coords_v else float("nan"),
-                    hessian_norm=math.sqrt(sq_v), skipped_estimates=skipped_v)
+                    hessian_norm=sq_v ** 0.5, skipped_estimates=skipped_v)
 
 
 class SophiaG(Sophia):
     """Sophia with the Gauss-Newton-Bartlett estimator (pair it with `gnb_hessian`).
-    Paper defaults: betas (0.965, 0.99), rho 0.05, weight decay 0.2."""
+    The paper's defaults (App. C.1): betas (0.96, 0.99), rho 0.05, weight decay 0.2; any
+    keyword of `Sophia` overrides them."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
-                 rho: float = 0.05, weight_decay: float = 0.2, eps: float = 1e-12,
-                 maximize: bool = False, impl: str = "auto", stats_every: int = 1, **ablations):
-        super().__init__(params, lr, betas, rho, weight_decay, eps, maximize, impl, stats_every, **ablations)
+    def __init__(self, params: ParamsT, **kwargs: Any) -> None:
+        super().__init__(params, **{"betas": (0.96, 0.99), "rho": 0.05, "weight_decay": 0.2, **kwargs})
 
 
 class SophiaH(Sophia):
     """Sophia with Hutchinson's estimator (pair it with `hutchinson_hessian`).
-    Paper defaults: betas (0.965, 0.99), rho 0.01, weight decay 0.2."""
+    The paper's defaults (App. C.1): betas (0.96, 0.99), rho 0.01, weight decay 0.2; any
+    keyword of `Sophia` overrides them."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
-                 rho: float = 0.01, weight_decay: float = 0.2, eps: float = 1e-12,
-                 maximize: bool = False, impl: str = "auto", stats_every: int = 1, **ablations):
-        super().__init__(params, lr, betas, rho, weight_decay, eps, maximize, impl, stats_every, **ablations)
+    def __init__(self, params: ParamsT, **kwargs: Any) -> None:
+        super().__init__(params, **{"betas": (0.96, 0.99), "rho": 0.01, "weight_decay": 0.2, **kwargs})
 
 
-# ----------------------------------------------------------------------------- update rules
-# Each returns the number of coordinates whose update was not clipped, as a 0-dim tensor
-# (with count=False the count is skipped and the value is meaningless).
+# ----------------------------------------------------------------------------- the update
 
 def _denominator(h: Tensor, rho: float, eps: float, sqrt_hessian: bool) -> Tensor:
     """max(rho h, eps), or max(rho sqrt(h), eps) for the AdaHessian-style ablation."""
     return torch.clamp(rho * (h.sqrt() if sqrt_hessian else h), min=eps)
 
 
-def _update_reference(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
-                      maximize, count=True, clip=True, sqrt_hessian=False) -> Tensor:
-    unclipped = torch.zeros((), dtype=torch.float64, device=params[0].device)
+def _sophia_update(p: Tensor, g: Tensor, m: Tensor, h: Tensor, lr: Tensor, found_inf: Tensor | None, *,
+                   beta1: float, rho: float, weight_decay: float, eps: float, maximize: bool, clip: bool,
+                   sqrt_hessian: bool) -> tuple[Tensor, Tensor]:
+    """Sophia's update of one tensor: (new theta, new m)."""
+    g = -g if maximize else g
+    m_new = torch.lerp(m, g, 1.0 - beta1)
+    ratio = m_new / _denominator(h, rho, eps, sqrt_hessian)
+    p_new = p * (1.0 - lr * weight_decay) - lr * (ratio.clamp(-1.0, 1.0) if clip else ratio)
+    if found_inf is not None:  # a select, not a branch: the flag stays on the device
+        skip = found_inf != 0
+        p_new, m_new = torch.where(skip, p, p_new), torch.where(skip, m, m_new)
+    return p_new, m_new
+
+
+def _update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hessians: list[Tensor],
+            lr: Tensor, found_inf: Tensor | None, **hyper: Any) -> None:
+    """Every tensor of a group in place. Compiled, each tensor is one kernel that reads
+    p, g, m, h and writes p, m (24 bytes per fp32 parameter)."""
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
-        g = -g if maximize else g
-        m.lerp_(g, 1.0 - beta1)
-        p.mul_(1.0 - lr * weight_decay)
-        ratio = m / _denominator(h, rho, eps, sqrt_hessian)
-        if count:
-            unclipped += (ratio.abs() < 1).sum()
-        p.add_(ratio.clamp(-1.0, 1.0) if clip else ratio, alpha=-lr)
-    return unclipped
-
-
-# Elements per group of the foreach update: its temporaries are one group's worth, small
-# enough on the CPU to be reused from the heap (no page faults) and to stay in cache.
-_FOREACH_GROUP = {"cpu": 1 << 22}
-_FOREACH_GROUP_DEFAULT = 1 << 24  # <= 2^24 also keeps the float32 counts exact
-
-
-def _groups(tensor_lists: list[list[Tensor]], limit: int):
-    """The aligned tensor lists cut into groups of <= `limit` elements: a larger tensor is cut
-    into flat views (unless it is not contiguous: then it goes whole). Yields (lists, size)."""
-    group, size = [[] for _ in tensor_lists], 0
-    for tensors in zip(*tensor_lists):
-        n = tensors[0].numel()
-        whole = n <= limit or not all(t.is_contiguous() for t in tensors)
-        for start in [None] if whole else range(0, n, limit):
-            length = n if whole else min(limit, n - start)
-            if size and size + length > limit:
-                yield group, size
-                group, size = [[] for _ in tensor_lists], 0
-            for views, t in zip(group, tensors):
-                views.append(t if whole else t.view(-1)[start:start + length])
-            size += length
-    if size:
-        yield group, size
-
-
-def _update_foreach(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
-                    maximize, count=True, clip=True, sqrt_hessian=False) -> Tensor | None:
-    clipped = []
-    limit = _FOREACH_GROUP.get(params[0].device.type, _FOREACH_GROUP_DEFAULT)
-    for (p, g, m, h), size in _groups([params, grads, exp_avgs, hessians], limit):
-        if maximize:
-            g = torch._foreach_neg(g)
-        torch._foreach_lerp_(m, g, 1.0 - beta1)
-        if weight_decay != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        # One temporary list, reused in place: max(rho h, eps), then m / it, then the clip.
-        if sqrt_hessian:
-            ratio = torch._foreach_sqrt(h)
-            torch._foreach_mul_(ratio, rho)
-        else:
-            ratio = torch._foreach_mul(h, rho)
-        torch._foreach_clamp_min_(ratio, eps)
-        for m_i, r in zip(m, ratio):
-            torch.div(m_i, r, out=r)
-        if clip:
-            torch._foreach_clamp_min_(ratio, -1.0)
-            torch._foreach_clamp_max_(ratio, 1.0)
-        torch._foreach_add_(p, ratio, alpha=-lr)
-        if not count:
-            continue
-        # Count in place: floor(|clipped ratio|) is 1 where the ratio was clipped, 0 where
-        # |ratio| < 1; NaN counts as clipped, as in the reference. Sums of <= 2^24 ones are exact.
-        torch._foreach_abs_(ratio)
-        if not clip:
-            torch._foreach_clamp_max_(ratio, 1.0)
-        torch._foreach_floor_(ratio)
-        for r in ratio:
-            r.nan_to_num_(nan=1.0)
-        wide = size > 1 << 24 or any(r.dtype == torch.float64 for r in ratio)
-        clipped += torch._foreach_norm(ratio, 1, dtype=torch.float64 if wide else torch.float32)
-    if not count:
-        return None
-    total = (torch.stack(clipped).double().sum() if clipped
-             else torch.zeros((), dtype=torch.float64, device=params[0].device))
-    return sum(p.numel() for p in params) - total
-
-
-def _update_fused(params, grads, exp_avgs, hessians, lr: Tensor, beta1: float, rho: float,
-                  weight_decay: float, eps: float, maximize: bool, clip: bool, sqrt_hessian: bool) -> None:
-    """One elementwise expression per tensor, for inductor to fuse: reads p, g, m, h and
-    writes p, m (24 bytes per fp32 parameter). The count of unclipped coordinates is a
-    separate kernel: inductor does not fuse a reduction into a loop that stores, so counting
-    here would re-read m, g and h (12 bytes) instead of the new m and h (8 bytes)."""
-    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
-        g = -g if maximize else g
-        m_new = torch.lerp(m, g, 1.0 - beta1)
-        ratio = m_new / _denominator(h, rho, eps, sqrt_hessian)
+        p_new, m_new = _sophia_update(p, g, m, h, lr, found_inf, **hyper)
+        p.copy_(p_new)
         m.copy_(m_new)
-        p.copy_(p * (1.0 - lr * weight_decay) - lr * (ratio.clamp(-1.0, 1.0) if clip else ratio))
 
 
-def _count_unclipped(exp_avgs, hessians, rho: float, eps: float, sqrt_hessian: bool) -> Tensor:
-    """Coordinates with |m / max(rho h, eps)| < 1, from the updated m."""
+def _count_unclipped(exp_avgs: list[Tensor], hessians: list[Tensor], *, rho: float, eps: float,
+                     sqrt_hessian: bool) -> Tensor:
+    """Coordinates with |m / max(rho h, eps)| < 1 (NaN counts as clipped), from the updated m:
+    a 0-dim float64 tensor. Kept out of the update because inductor does not fuse a
+    reduction into a loop that stores: counting there would re-read m, g and h (12 bytes per
+    fp32 parameter) instead of the new m and h (8 bytes)."""
     return torch.stack([((m / _denominator(h, rho, eps, sqrt_hessian)).abs() < 1).sum()
                         for m, h in zip(exp_avgs, hessians)]).sum().double()
 
 
-def _fold_hessian(hessians, estimates, finite: Tensor, weights: list[float]) -> None:
-    """h <- lerp(h, h_hat, 1 - beta2) where the whole estimate is finite, else h: one kernel
-    reading h and h_hat and writing h (the eager version also writes a NaN-free copy)."""
+def _fold_hessian(hessians: list[Tensor], estimates: list[Tensor], finite: Tensor, weights: list[float]) -> None:
+    """h <- lerp(h, h_hat, 1 - beta2) where the whole estimate is finite, else lerp(h, h, .) = h
+    exactly: a select, so a NaN in h_hat never reaches h and the flag is never read on the
+    host. Eagerly the select is one temporary per tensor; compiled, one kernel reads h and
+    h_hat and writes h."""
     for h, e, w in zip(hessians, estimates, weights):
-        h.copy_(torch.where(finite, torch.lerp(h, e, w), h))
+        h.lerp_(torch.where(finite, e, h), w)
 
 
-_compiled_fused = None
-_compiled_count = None
-_compiled_fold = None
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    # Not fullgraph=True: with it, the recompile limit is a hard error instead of a fallback
+    # to eager. The tests check that each function is one graph.
+    return torch.compile(fn, dynamic=False)
 
 
-def _update_compiled(params, grads, exp_avgs, hessians, *, lr, beta1, rho, weight_decay, eps,
-                     maximize, count=True, clip=True, sqrt_hessian=False) -> Tensor | None:
-    global _compiled_fused, _compiled_count
-    if _compiled_fused is None:
-        _compiled_fused = torch.compile(_update_fused, fullgraph=True, dynamic=False)
-        _compiled_count = torch.compile(_count_unclipped, fullgraph=True, dynamic=False)
-    _compiled_fused(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps, maximize, clip, sqrt_hessian)
-    return _compiled_count(exp_avgs, hessians, rho, eps, sqrt_hessian) if count else None
+def _probe(x: Tensor) -> Tensor:
+    return x * 2.0 + 1.0
+
+
+@functools.cache
+def _compile_works(device_type: str) -> bool:
+    """Whether torch.compile runs on this device type, found by compiling `_probe`: inductor
+    needs triton on CUDA and a C++ compiler on the CPU, and dynamo a supported Python."""
+    try:
+        torch.compile(_probe, fullgraph=True, dynamic=False)(torch.ones(2, device=device_type))
+    except Exception as error:  # whatever stops inductor, the reference update still works
+        warnings.warn(f"torch.compile does not work on {device_type} ({type(error).__name__}: {error}); "
+                      "Sophia(impl='auto') uses its reference update", RuntimeWarning)
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- estimators
-
-def _average_across_ranks(tensors: list[Tensor]) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.AVG)
-
 
 def sample_labels(logits: Tensor, uniform: Tensor) -> Tensor:
     """Draw one label per row of `logits` (..., V) from softmax(logits) by inverting the
@@ -423,18 +380,10 @@ def sample_labels(logits: Tensor, uniform: Tensor) -> Tensor:
     return labels.clamp_(max=logits.size(-1) - 1)
 
 
-def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
-    """Turn the gradient all-reduce of a DDP or FSDP2 module on or off, so that only the
-    last of several backward passes pays for it; a plain module is left alone."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model.require_backward_grad_sync = enabled
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2's fully_shard
-        model.set_requires_gradient_sync(enabled)
-
-
 def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tensor], generator: torch.Generator,
-                rank: int = 0, world_size: int = 1, autocast=None, loss_scale: float = 1.0,
-                targets: list[Tensor] | None = None) -> list[Tensor]:
+                rank: int = 0, world_size: int = 1, autocast: contextlib.AbstractContextManager | None = None,
+                loss_scale: float = 1.0, targets: list[Tensor] | None = None, *,
+                grad_sync: Callable[[bool], None] | None = None) -> list[Tensor | None]:
     """Gauss-Newton-Bartlett estimate (paper Algorithm 2): h_hat = B g_hat * g_hat, where
     g_hat is the gradient of the mean cross-entropy against labels sampled from the
     model's own softmax over B predictions (all tokens of the estimator's batch, over all
@@ -445,7 +394,15 @@ def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tenso
     averages it over ranks itself (and FSDP2's sharded DTensor parameters work); .grad must
     be empty on entry and is left empty. `generator` must be seeded identically on every
     rank: each rank draws the uniforms of the whole global batch and uses its own slice, so
-    2 ranks compute exactly what one process computes on the same data.
+    2 ranks compute exactly what one process computes on the same data. `autocast` is a
+    context for the forward passes, `loss_scale` a constant the loss is multiplied by before
+    backward (fp16) and the estimate divided by.
+
+    `grad_sync`, if given, is called before each chunk's forward (DDP reads its flag there)
+    with False for every chunk but the last and True for the last, so that the gradient is
+    all-reduced once: e.g. `lambda on: setattr(ddp_model, "require_backward_grad_sync", on)`
+    for DDP, `fsdp_model.set_requires_gradient_sync` for FSDP2. None leaves the module
+    alone: still correct, only slower under DDP (one all-reduce per chunk).
 
     With `targets` (the data's labels, aligned with `inputs`) nothing is sampled: B g * g of
     the ordinary loss, the empirical Fisher diagonal (the paper's E-F ablation, Fig. 7b).
@@ -459,7 +416,8 @@ def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tenso
     uniforms = uniforms[rank * local_preds:(rank + 1) * local_preds].to(inputs[0].device)
     offset = 0
     for i, x in enumerate(inputs):
-        set_grad_sync(model, i == len(inputs) - 1)
+        if grad_sync is not None:
+            grad_sync(i == len(inputs) - 1)
         with autocast or contextlib.nullcontext():
             logits, _ = model(x)
         u = uniforms[offset:offset + x.numel()].view(x.shape)
@@ -478,29 +436,35 @@ def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tenso
 
 
 def hutchinson_hessian(model: Callable, params: list[Tensor], batches: list[tuple[Tensor, Tensor]],
-                       generator: torch.Generator, autocast=None,
+                       generator: torch.Generator, autocast: contextlib.AbstractContextManager | None = None,
                        loss_scale: float = 1.0) -> list[Tensor]:
     """Hutchinson estimate (paper Algorithm 1): h_hat = u * (H u), u ~ N(0, I), H the Hessian
-    of the mean loss over `batches` (this rank's (x, y) chunks) and over ranks.
+    of the mean loss over all tokens of `batches` (this rank's (x, y) chunks, of any sizes:
+    each chunk's mean loss, as `model(x, y)` returns it, is weighted by its y.numel()) and
+    over ranks (averaged: equal token counts on every rank make it the global token mean).
 
     One Hessian-vector product by double backward through torch.autograd.grad (not
     backward(create_graph=True), which leaks the graph into .grad), with the math attention
     kernel forced: flash attention has no double backward. Pass the uncompiled module.
-    `generator` must be seeded identically on every rank so u is shared and the all-reduced
-    H u is the product with the global Hessian.
+    `generator` must be seeded identically on every rank so u is shared and the averaged
+    H u, all-reduced in one flat buffer, is the product with the global Hessian.
     """
     u = [torch.randn(p.shape, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
          for p in params]
     hvp = [torch.zeros_like(p) for p in params]
-    with math_attention():
+    tokens = sum(y.numel() for _, y in batches)
+    with sdpa_kernel(SDPBackend.MATH):
         for x, y in batches:
             with autocast or contextlib.nullcontext():
                 _, loss = model(x, y)
-            loss = loss * (loss_scale / len(batches))
+            loss = loss * (loss_scale * y.numel() / tokens)
             grads = torch.autograd.grad(loss, params, create_graph=True)
             dot = sum((g * v).sum() for g, v in zip(grads, u))
             for acc, hv in zip(hvp, torch.autograd.grad(dot, params)):
                 acc.add_(hv)
-    _average_across_ranks(hvp)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = _flatten_dense_tensors(hvp)
+        dist.all_reduce(flat)  # SUM, then divide: ReduceOp.AVG is not on every backend
+        flat /= dist.get_world_size()
+        hvp = _unflatten_dense_tensors(flat, hvp)
     return [v * hv / loss_scale for v, hv in zip(u, hvp)]
-

@@ -1,6 +1,6 @@
 # The paper's GPT-2 setup (Sec. 3.1, App. C): OpenWebText, 1024-token blocks, batch 480,
 # 100K steps, 2K warmup, cosine decay to 0.05x peak, gradient clipping at 1.0, bf16 (dtype auto).
-# Cost: none by itself; included by every config/train_gpt2_*.py, which states its cost.
+# Cost: none by itself; included by config/_gpt2_<size>.py for every config/train_gpt2_*.py, which states its cost.
 dataset = "openwebtext"
 block_size = 1024
 max_iters = 100000

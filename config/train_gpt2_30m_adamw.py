@@ -1,15 +1,10 @@
 # Sophia paper (Liu et al. 2023), Table 2 / Fig. 1 & 4: 30M GPT-2 on OpenWebText with AdamW,
 # 100K steps x 480 sequences x 1024 tokens (49B tokens), warmup 2K, cosine to 0.05x peak, clip 1.0, bf16.
 # Cost: about 23 A100-hours (8 x A100: ~3 h), estimated as 6*N*D FLOPs at 40% MFU, not measured.
-# Prepare the data first: python data/openwebtext/prepare.py
-include("_gpt2_paper.py")
+# Prepare the data first: python -m data.openwebtext.prepare
+include("_gpt2_30m.py")
 include("_optimizer_adamw.py")
 out_dir = "out-gpt2-30m-adamw"
 wandb_run_name = "gpt2-30m-adamw"
-n_layer = 6
-n_head = 6
-n_embd = 384
-batch_size = 30  # per GPU; x gradient_accumulation_steps = 480 sequences per step
-gradient_accumulation_steps = 16  # over all GPUs: a multiple of 8
 learning_rate = 1.2e-3
 min_lr = 6.0e-5

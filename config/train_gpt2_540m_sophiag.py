@@ -1,16 +1,10 @@
 # Sophia paper (Liu et al. 2023), Table 2 / Fig. 1 & 4: 540M GPT-2 on OpenWebText with Sophia-G,
 # 100K steps x 480 sequences x 1024 tokens (49B tokens), warmup 2K, cosine to 0.05x peak, clip 1.0, bf16.
 # Cost: about 418 A100-hours (8 x A100: ~52 h), estimated as 6*N*D FLOPs at 40% MFU, not measured.
-# Prepare the data first: python data/openwebtext/prepare.py
-include("_gpt2_paper.py")
+# Prepare the data first: python -m data.openwebtext.prepare
+include("_gpt2_540m.py")
 include("_optimizer_sophiag.py")
 out_dir = "out-gpt2-540m-sophiag"
 wandb_run_name = "gpt2-540m-sophiag"
-n_layer = 30
-n_head = 18
-n_embd = 1152
-batch_size = 4  # per GPU; x gradient_accumulation_steps = 480 sequences per step
-gradient_accumulation_steps = 120  # over all GPUs: a multiple of 8
-scale_attn_by_inverse_layer_idx = True  # paper App. C.2: AdamW/Lion need it above 355M; same for every optimizer
 learning_rate = 4.0e-4
 min_lr = 2.0e-5

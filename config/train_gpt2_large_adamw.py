@@ -1,16 +1,10 @@
 # Sophia paper (Liu et al. 2023), Table 2 / Fig. 1 & 4: GPT-2 large (770M) on OpenWebText with AdamW,
 # 100K steps x 480 sequences x 1024 tokens (49B tokens), warmup 2K, cosine to 0.05x peak, clip 1.0, bf16.
 # Cost: about 568 A100-hours (8 x A100: ~71 h), estimated as 6*N*D FLOPs at 40% MFU, not measured.
-# Prepare the data first: python data/openwebtext/prepare.py
-include("_gpt2_paper.py")
+# Prepare the data first: python -m data.openwebtext.prepare
+include("_gpt2_large.py")
 include("_optimizer_adamw.py")
 out_dir = "out-gpt2-large-adamw"
 wandb_run_name = "gpt2-large-adamw"
-n_layer = 36
-n_head = 20
-n_embd = 1280
-batch_size = 4  # per GPU; x gradient_accumulation_steps = 480 sequences per step
-gradient_accumulation_steps = 120  # over all GPUs: a multiple of 8
-scale_attn_by_inverse_layer_idx = True  # paper App. C.2: AdamW/Lion need it above 355M; same for every optimizer
 learning_rate = 2.0e-4
 min_lr = 1.0e-5

@@ -1,6 +1,6 @@
 """The paper's Sophia ablations at small scale, each one run of scripts/compare.py.
 
-    python scripts/ablations.py config/train_shakespeare_char.py --studies all --lr_grid 1 --seeds 1 \\
+    python -m scripts.ablations config/train_shakespeare_char.py --studies all --lr_grid 1 --seeds 1 \\
         --runs_dir out-ablations --jobs 2 --eval_interval=100
 
 Every study compares Sophia-G at the config's own settings (the baseline, and so the target
@@ -32,10 +32,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-import compare  # noqa: E402
-import configurator  # noqa: E402
-from configurator import UserError  # noqa: E402
+from runtime import UserError, exit_on_user_error  # noqa: E402
+from scripts import compare  # noqa: E402
 
 RHO_FACTORS = (0.5, 1.0, 2.0)
 BETA2S = (0.95, 0.99, 0.995)
@@ -111,7 +109,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], dict, dict[st
             raise UserError(f"{option} is set by each study; run scripts/compare.py for a comparison of your own")
     if not Path(args.config).is_file():
         raise UserError(f"config file {args.config} not found")
-    overrides = [a for a in passed if a.startswith("--") and a.partition("=")[0][2:] in compare.train.DEFAULTS]
+    overrides = [a for a in passed if a.startswith("--") and a.partition("=")[0][2:] in compare.DEFAULTS]
     sophiag_config = compare.shown(compare.optimizer_config(Path(args.config), "sophiag", {}))
     cfg = compare.resolve([sophiag_config, *overrides, "--optimizer_name=sophiag"])
     plans = studies(cfg["rho"], cfg["beta1"], cfg["beta2"])
@@ -127,7 +125,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], dict, dict[st
     return args, passed, cfg, argvs
 
 
-@configurator.exit_on_user_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Run (or resume) the chosen studies; returns each study's compare.py results."""
     args, passed, cfg, argvs = parse(sys.argv[1:] if argv is None else argv)
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     lines = ["# Sophia ablations", "", f"Base config {args.config}; options passed to compare.py: "
              f"`{' '.join(passed)}`.", ""]
     for study, study_argv in argvs.items():
-        print(f"== {study}: python scripts/compare.py {' '.join(study_argv)}", flush=True)
+        print(f"== {study}: python -m scripts.compare {' '.join(study_argv)}", flush=True)
         out[study] = results = compare.main(study_argv)
         plot = None
         if study == "rho_beta2":

@@ -1,15 +1,15 @@
 """Benchmark Sophia against AdamW and Lion: optimizer step time, training-iteration time and
 peak memory, printed as Markdown tables.
 
-    python scripts/bench_optimizer.py                                  # everything, printed
-    python scripts/bench_optimizer.py --what step --iters 20 --threads 1
-    python scripts/bench_optimizer.py --what train --train-iters 100 --repeats 2 --out bench.md
+    python -m scripts.bench_optimizer                                  # everything, printed
+    python -m scripts.bench_optimizer --what step --iters 20 --threads 1
+    python -m scripts.bench_optimizer --what train --train-iters 100 --repeats 2 --out bench.md
 
 --what step    Optimizer step time on GPT-2-small-shaped parameters (the real
                model.GPT(GPTConfig()) shapes, 124M fp32 parameters split into the decay /
                no-decay groups train.py uses, random gradients): SophiaG with impl reference /
-               foreach / compiled (and foreach / compiled with stats_every=10, the "_s10" rows)
-               against torch.optim.AdamW fused=True and foreach=True, and Lion (lion_pytorch).
+               compiled (and compiled with stats_every=10, the "_s10" row: what train.py and
+               a sampled win rate cost) against torch.optim.AdamW fused=True and foreach=True, and Lion (lion_pytorch).
                --iters timed steps after --warmup steps (the warmup holds torch.compile's
                compilation): the median, the fastest step and its CPU time; ratios against
                fused AdamW. Sophia's update_hessian (once every k steps in training) is timed
@@ -19,7 +19,7 @@ peak memory, printed as Markdown tables.
                hess_interval=10 with a half-batch estimator (hess_batch_size = batch_size / 2),
                log_interval=10 (so every logged window holds exactly one estimator call).
                time_ms comes from out_dir/metrics.jsonl: the median of the 10-iteration windows
-               after the first (warmup, compilation), robust to other jobs' bursts. Each run is a fresh subprocess calling train.main.
+               after the first (warmup, compilation), robust to other jobs' bursts. Each run is a fresh `python train.py` subprocess.
 --what memory  Peak memory per optimizer. Step benchmark: torch.cuda.max_memory_allocated
                while stepping, or on the CPU the peak RSS while stepping (Linux VmHWM, reset
                just before the first step: parameters, gradients, optimizer state, temporaries,
@@ -52,12 +52,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runtime import ROOT
+
 MARK = "BENCH_RESULT "
 
 # sophiag_<impl>[_s<n>]: SophiaG(impl=<impl>, stats_every=<n>)
-STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "sophiag_reference", "sophiag_foreach",
-                   "sophiag_compiled", "sophiag_foreach_s10", "sophiag_compiled_s10")
+STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "sophiag_reference", "sophiag_compiled",
+                   "sophiag_compiled_s10")
 # (label, optimizer_name, optimizer_impl) for train.py
 TRAIN_RUNS = (("adamw", "adamw", "auto"), ("lion", "lion", "auto"), ("sophiag", "sophiag", "auto"),
               ("sophiah", "sophiah", "auto"), ("sophiag_compiled", "sophiag", "compiled"))
@@ -94,7 +95,6 @@ def reset_peak_rss() -> bool:
 def worker_step(name: str, iters: int, warmup: int, seed: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from model import GPT, GPTConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,7 +182,7 @@ def make_optimizer(name: str, groups: list[dict]):
     from sophia import SophiaG
     parts = name.split("_")
     kwargs = {"stats_every": int(parts[2][1:])} if len(parts) > 2 else {}
-    return SophiaG(groups, lr=6e-4, betas=(0.965, 0.99), rho=0.05, impl=parts[1], **kwargs)
+    return SophiaG(groups, lr=6e-4, betas=(0.96, 0.99), rho=0.05, impl=parts[1], **kwargs)
 
 
 def sync(device: str) -> None:
@@ -191,15 +191,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def run_measured(cmd: list[str]) -> float:
+    """Run a command to completion; its peak RSS in MiB (Linux reports KiB, macOS bytes)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr.read().decode()[-3000:]}")
+    return usage.ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else usage.ru_maxrss / 1024
+
+
 def worker_train(optimizer_name: str, impl: str, iters: int, out_dir: str) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    os.chdir(ROOT)
-    import train
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    baseline_rss = rss_mib()
     batch_size = 12  # the config's
     argv = [
         "config/train_shakespeare_char.py", f"--out_dir={out_dir}", f"--optimizer_name={optimizer_name}",
@@ -208,9 +213,9 @@ def worker_train(optimizer_name: str, impl: str, iters: int, out_dir: str) -> di
         f"--batch_size={batch_size}", f"--hess_batch_size={batch_size // 2}", f"--device={device}",
         "--wandb_log=False", "--always_save_checkpoint=False",
     ]
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    train.main(argv)
+    # train.py --help imports everything a run imports and stops: the baseline of the memory table.
+    baseline_rss = run_measured([sys.executable, "train.py", "--help"])
+    peak_rss = run_measured([sys.executable, "train.py", *argv])
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if r["kind"] == "train"]
     steady = windows[1:] or windows  # the first window holds warmup and compilation
@@ -220,15 +225,15 @@ def worker_train(optimizer_name: str, impl: str, iters: int, out_dir: str) -> di
         "time_ms_mean": statistics.mean(r["time_ms"] for r in steady),
         "windows_ms": [r["time_ms"] for r in windows],
         "estimator_ms": statistics.mean(r["estimator_ms"] for r in steady) if "estimator_ms" in steady[0] else None,
-        "peak_rss_mib": rss_mib(), "baseline_rss_mib": baseline_rss,
-        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None,
+        "peak_rss_mib": peak_rss, "baseline_rss_mib": baseline_rss,
+        "cuda_peak_mib": max(r["memory_gib"] for r in windows) * 1024 if device == "cuda" else None,
     }
 
 
 # ----------------------------------------------------------------------------- orchestration
 
 def run_worker(args: list[str], timeout: float, threads: int = 0) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(threads), *args]
+    cmd = [sys.executable, "-m", "scripts.bench_optimizer", "--worker", str(threads), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):

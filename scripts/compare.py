@@ -1,6 +1,6 @@
 """Fair optimizer comparison, following the Sophia paper's methodology (Sec. 3.2).
 
-    python scripts/compare.py config/train_shakespeare_char.py --hess_batch_size=6 \\
+    python -m scripts.compare config/train_shakespeare_char.py --hess_batch_size=6 \\
         --optimizers adamw,sophiag,lion --steps 2000 --lr_grid 0.5,1,2 --seeds 1,2,3 \\
         --runs_dir out-compare --jobs 2
 
@@ -66,13 +66,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+import configurator
+from dataset import prepare_dataset
+from metrics import read_metrics as read_records
+from runtime import ROOT, UserError, exit_on_user_error
+from scripts.plot_compare import plot_all
 
-import configurator  # noqa: E402
-import train  # noqa: E402
-from configurator import UserError  # noqa: E402
-from plot_compare import plot_all  # noqa: E402
+TRAIN = ROOT / "train.py"
+# train.py's defaults and optimizers, read from its source: planning runs imports no training code.
+DEFAULTS = configurator.read_defaults(TRAIN)
+OPTIMIZERS: tuple[str, ...] = configurator.read_literals(TRAIN)["OPTIMIZERS"]
 
 DEFAULT_FRACTIONS = {"adamw": 1.0, "lion": 1.0, "sophiag": 0.5, "sophiah": 0.5}
 # Keys the runner sets per run; an override of them would be silently replaced.
@@ -172,7 +175,7 @@ def comma_list(text: str, kind: type, what: str) -> list:
     return values
 
 
-def key_values(items: list[str], what: str, names: tuple[str, ...] = train.OPTIMIZERS) -> dict[str, str]:
+def key_values(items: list[str], what: str, names: tuple[str, ...] = OPTIMIZERS) -> dict[str, str]:
     """NAME=VALUE pairs of a repeatable option, NAME one of `names`."""
     pairs = {}
     for item in items:
@@ -186,8 +189,8 @@ def key_values(items: list[str], what: str, names: tuple[str, ...] = train.OPTIM
 def optimizer_fraction(item: str, default: float, what: str) -> tuple[str, float]:
     """OPT[:FRACTION] -> (OPT, fraction of T)."""
     name, _, fraction = item.strip().partition(":")
-    if name not in train.OPTIMIZERS:
-        raise UserError(f"{what}: unknown optimizer {name!r}; choose from {', '.join(train.OPTIMIZERS)}")
+    if name not in OPTIMIZERS:
+        raise UserError(f"{what}: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     try:
         value = float(fraction) if fraction else default
     except ValueError:
@@ -207,7 +210,7 @@ def parse_variant(text: str) -> Budget:
     if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
         raise UserError(f"--variant {text!r}: expected LABEL=OPT[:FRACTION] --key=value ..., with a label of "
                         "letters, digits, '_', '-' or '.'")
-    if label in train.OPTIMIZERS:
+    if label in OPTIMIZERS:
         raise UserError(f"--variant {text!r}: the label {label!r} is an optimizer's name; pick another")
     check_overrides(words[1:], f"in --variant {text!r}: expected train.py overrides --key=value")
     name, fraction = optimizer_fraction(spec, 1.0, f"--variant {text!r}")
@@ -224,10 +227,10 @@ def optimizer_budgets(text: str, baseline: str, variant_specs: list[str] = ()) -
     by_label = {v.label: v for v in variants}
     if baseline in by_label:
         budgets = [Budget(baseline, by_label[baseline].optimizer, 1.0, by_label[baseline].overrides)]
-    elif baseline in train.OPTIMIZERS:
+    elif baseline in OPTIMIZERS:
         budgets = [Budget(baseline, baseline, 1.0)]
     else:
-        raise UserError(f"--baseline={baseline!r} is neither an optimizer ({', '.join(train.OPTIMIZERS)}) "
+        raise UserError(f"--baseline={baseline!r} is neither an optimizer ({', '.join(OPTIMIZERS)}) "
                         f"nor a --variant label")
     for item in comma_list(text, str, "--optimizers") if text else []:
         name = item.strip().partition(":")[0]
@@ -252,7 +255,7 @@ def optimizer_config(base: Path, optimizer: str, explicit: dict[str, str]) -> Pa
     if optimizer in explicit:
         return Path(explicit[optimizer])
     family = base.stem
-    for name in train.OPTIMIZERS:
+    for name in OPTIMIZERS:
         family = family.removesuffix(f"_{name}")
     for candidate in (base.with_name(f"{family}_{optimizer}.py"), base.with_name(f"{family}.py")):
         if candidate.is_file():
@@ -263,7 +266,19 @@ def optimizer_config(base: Path, optimizer: str, explicit: dict[str, str]) -> Pa
 def resolve(train_args: list[str] | tuple[str, ...]) -> dict:
     """The config train.py would run with these arguments (config paths relative to ROOT)."""
     absolute = [a if a.startswith("--") else str(ROOT / a) for a in train_args]
-    return configurator.parse(train.DEFAULTS, absolute)
+    return configurator.parse(DEFAULTS, absolute)
+
+
+def check_with_train(train_args: dict[str, list[str]], configs: dict[str, str]) -> None:
+    """train.py's own checks of every group's config (`train.py --check`, one start-up for
+    all), before any run starts."""
+    proc = subprocess.run([sys.executable, str(TRAIN), "--check"], input=json.dumps(list(train_args.values())),
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"train.py --check failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    for label, checked in zip(train_args, json.loads(proc.stdout)):
+        if "error" in checked:
+            raise UserError(f"{label} ({configs[label]}): {checked['error']}")
 
 
 def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], list[Run]]:
@@ -272,7 +287,7 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
     if not base.is_file():
         raise UserError(f"config file {args.config} not found")
     budgets = optimizer_budgets(args.optimizers, args.baseline, args.variant)
-    labels = tuple(dict.fromkeys((*train.OPTIMIZERS, *(b.label for b in budgets))))
+    labels = tuple(dict.fromkeys((*OPTIMIZERS, *(b.label for b in budgets))))
     explicit_configs = key_values(args.config_for, "--config_for")
     explicit_lrs = {k: comma_list(v, float, f"--lrs {k}") for k, v in key_values(args.lrs, "--lrs", labels).items()}
     grid = comma_list(args.lr_grid, float, "--lr_grid")
@@ -289,11 +304,11 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
                         f"from --lr_grid and --lrs")
 
     configs = {b.label: shown(optimizer_config(base, b.optimizer, explicit_configs)) for b in budgets}
-    resolved = {b.label: resolve([configs[b.label], *overrides, *b.overrides, f"--optimizer_name={b.optimizer}"])
-                for b in budgets}
+    train_args = {b.label: [configs[b.label], *overrides, *b.overrides, f"--optimizer_name={b.optimizer}"]
+                  for b in budgets}
+    resolved = {label: resolve(a) for label, a in train_args.items()}
     baseline_cfg = resolved[budgets[0].label]
     for label, cfg in resolved.items():
-        train.validate(train.Config(cfg), 1)
         if not cfg["learning_rate"] > 0 or cfg["max_iters"] <= 0:
             raise UserError(f"{configs[label]}: learning_rate and max_iters must be positive to scale the sweep")
         unfair = [k for k in FAIR_KEYS if cfg[k] != baseline_cfg[k]]
@@ -302,6 +317,7 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
             raise UserError(f"{label} ({configs[label]}) sets {k}={cfg[k]!r} but the baseline has "
                             f"{baseline_cfg[k]!r}; the comparison needs the same {', '.join(unfair)} "
                             f"for every optimizer: pass --{k}=... to set it for all")
+    check_with_train(train_args, configs)
     T = args.steps if args.steps is not None else baseline_cfg["max_iters"]
     if T < 1:
         raise UserError("--steps must be at least 1")
@@ -335,20 +351,9 @@ def make_run(group: Group, lr: float, seed: int, runs_dir: Path, overrides: list
 # ----------------------------------------------------------------------------- running
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(eval records, train records) of a metrics.jsonl, by iter. A resumed run appends the
-    steps after its checkpoint again: the later record of an iter wins."""
-    evals: dict[int, dict] = {}
-    trains: dict[int, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            target = {"eval": evals, "train": trains}.get(record.get("kind"))
-            if target is not None:
-                target[record["iter"]] = record
-    return [evals[i] for i in sorted(evals)], [trains[i] for i in sorted(trains)]
+    """(eval records, train records) of a run's metrics.jsonl, by iter; none before it starts."""
+    records = read_records(path) if path.exists() else {}
+    return records.get("eval", []), records.get("train", [])
 
 
 def is_finished(run: Run) -> bool:
@@ -573,7 +578,7 @@ def markdown(results: dict, plots: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@configurator.exit_on_user_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     """Run (or resume) the comparison, write results.json, results.md and the plots; returns the results."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -583,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{g.label}{definition} x {g.fraction:g}T = {g.steps} steps, warmup {g.warmup_iters}, {g.config}, "
               f"LRs {', '.join(f'{lr:.3g}' for lr in g.lrs)}")
     dataset = resolve([groups[0].config, *overrides])["dataset"]
-    train.prepare_dataset(ROOT / "data" / dataset, True)  # once, not racing in parallel runs
+    prepare_dataset(ROOT / "data" / dataset)  # once, not racing in parallel runs
     states = execute(runs, args.jobs, args.threads)
     out = Path(args.results_dir or args.runs_dir)
     results = summarize(groups, runs, states, args, overrides)

@@ -1,7 +1,7 @@
 """Few-shot SuperGLUE evaluation the Sophia paper's way (App. C.3, Fig. 11).
 
-    python scripts/eval_downstream.py --out_dir=out-gpt2-small --data_dir=superglue
-    python scripts/eval_downstream.py --hf_dir=hf-gpt2-small --data_dir=superglue --tasks=rte,cb
+    python -m scripts.eval_downstream --out_dir=out-gpt2-small --data_dir=superglue
+    python -m scripts.eval_downstream --hf_dir=hf-gpt2-small --data_dir=superglue --tasks=rte,cb
 
 Protocol (paper App. C.3): BoolQ, RTE, CB and COPA; each prompt is the task's instruction,
 2 exemplars drawn from the train split, then the validation example, in Fig. 11's
@@ -72,11 +72,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-# Run as `python scripts/eval_downstream.py`: the project's modules live one folder up.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import configurator
-from configurator import UserError
+from checkpoint import load_trained_model
+from runtime import UserError, autocast, device_type, exit_on_user_error, pick_device, pick_dtype, writable_dir
 from tokenizer import load_tokenizer
 
 if TYPE_CHECKING:  # imported where used: evaluating a checkpoint needs no transformers
@@ -262,25 +261,20 @@ class ModelScorer:
 
 def load_scorer(cfg: dict) -> tuple[ModelScorer, str]:
     """The scorer of the model the config names (--hf_dir, else --out_dir) and its name."""
-    from train import pick_device, pick_dtype
     dev = pick_device(cfg["device"])
-    device_type = "cuda" if dev.startswith("cuda") else dev
-    dtype_name = pick_dtype(cfg["dtype"], device_type)
-    autocast = (nullcontext() if dtype_name == "float32"
-                else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name)))
+    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
     if cfg["hf_dir"]:
         model, encode, block_size = load_hf(Path(cfg["hf_dir"]))
         model.to(dev)
         forward = lambda x: model(input_ids=x).logits
         source = cfg["hf_dir"]
     else:
-        from export_hf import load_run
-        model, meta = load_run(cfg["out_dir"])
+        model, meta = load_trained_model(cfg["out_dir"])
         model.to(dev)
         encode, block_size = load_tokenizer(meta)[0], model.config.block_size
         forward = lambda x: model(x)[0]
         source = cfg["out_dir"]
-    return ModelScorer(forward, encode, block_size, cfg["batch_size"], dev, autocast), source
+    return ModelScorer(forward, encode, block_size, cfg["batch_size"], dev, mixed), source
 
 
 def load_hf(hf_dir: Path) -> tuple["PreTrainedModel", Callable[[str], list[int]], int]:
@@ -318,7 +312,7 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-@configurator.exit_on_user_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate, print the Markdown table, write <output>.json and .md; returns the JSON."""
     cfg = configurator.parse(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__)
@@ -338,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = cfg["output"] or default_output
     data = {name: load_task_data(cfg["data_dir"], name) for name in names}
     scorer, source = load_scorer(cfg)
-    configurator.writable_dir(Path(output).parent, "--output")  # before the evaluation, not after
+    writable_dir(Path(output).parent, "--output")  # before the evaluation, not after
     results = {}
     for name, (train, val) in data.items():
         val = val[:cfg["limit"]] if cfg["limit"] > 0 else val

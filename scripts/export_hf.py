@@ -1,7 +1,7 @@
 """Export a training checkpoint as a Hugging Face GPT2LMHeadModel directory.
 
-    python scripts/export_hf.py --out_dir=out-gpt2-small --hf_dir=hf-gpt2-small
-    python scripts/export_hf.py --out_dir=out-x --hf_dir=hf-x --overwrite=True
+    python -m scripts.export_hf --out_dir=out-gpt2-small --hf_dir=hf-gpt2-small
+    python -m scripts.export_hf --out_dir=out-x --hf_dir=hf-x --overwrite=True
 
 The directory loads with `GPT2LMHeadModel.from_pretrained(hf_dir)` (and, for GPT-2 BPE
 models, `AutoTokenizer.from_pretrained(hf_dir)`), offline. What it holds:
@@ -35,16 +35,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-# Run as `python scripts/export_hf.py`: the project's modules live one folder up.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import configurator
-import train
-from configurator import UserError
+from checkpoint import load_trained_model
 from model import GPT, GPTConfig
+from runtime import UserError, exit_on_user_error, writable_dir
 from tokenizer import GPT2_DIR
 
-if TYPE_CHECKING:  # transformers is imported where used: eval_downstream.py needs load_run only
+if TYPE_CHECKING:  # transformers is imported where used: importing this module stays cheap
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 out_dir = "out"  # the training run whose latest checkpoint is exported
@@ -61,12 +59,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                 "added_tokens.json", CHAR_VOCAB_FILE)
-
-
-def load_run(out_dir: str | Path) -> tuple[GPT, dict]:
-    """The model of out_dir's latest checkpoint (eval mode, CPU) and its dataset's meta (the
-    tokenizer), as saved in the checkpoint."""
-    return train.load_trained_model(out_dir)
 
 
 def hf_config(config: GPTConfig, vocab_size: int, bpe: bool) -> "GPT2Config":
@@ -157,14 +149,14 @@ def prepare_hf_dir(hf_dir: str, overwrite: bool) -> Path:
                             f"there, or choose another --hf_dir")
         for name in EXPORT_FILES:
             (path / name).unlink(missing_ok=True)
-    return configurator.writable_dir(path, "--hf_dir")
+    return writable_dir(path, "--hf_dir")
 
 
-@configurator.exit_on_user_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
     """Export --out_dir's latest checkpoint to --hf_dir; returns hf_dir."""
     cfg = configurator.parse(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__)
-    model, meta = load_run(cfg["out_dir"])
+    model, meta = load_trained_model(cfg["out_dir"])
     path = prepare_hf_dir(cfg["hf_dir"], cfg["overwrite"])
     export(model, meta, path)
     kind = "GPT-2 BPE tokenizer" if meta["tokenizer"] == "gpt2" else f"character vocabulary in {CHAR_VOCAB_FILE}"

@@ -1,6 +1,6 @@
 """Plots of an optimizer comparison (scripts/compare.py), from its results.json alone.
 
-    python scripts/plot_compare.py out-compare      # re-plot without rerunning anything
+    python -m scripts.plot_compare out-compare      # re-plot without rerunning anything
 
 Writes PNGs into the runs folder:
   val_loss.png     validation loss against steps per optimizer at its best LR (mean over

@@ -1,7 +1,7 @@
 """Plot the loss curves of training runs from their out_dir/metrics.jsonl into a PNG.
 
-    python scripts/plot_runs.py out-sophiag out-adamw --output=runs.png
-    python scripts/plot_runs.py out-a/metrics.jsonl out-b --labels=Sophia-G,AdamW --x=tokens --ylim=2.8,3.6
+    python -m scripts.plot_runs out-sophiag out-adamw --output=runs.png
+    python -m scripts.plot_runs out-a/metrics.jsonl out-b --labels=Sophia-G,AdamW --x=tokens --ylim=2.8,3.6
 
 One line per run, in one colour: validation loss (solid, from the evaluations) and the
 training loss of the log lines (thin, faint). The x axis is the step, or with --x=tokens the
@@ -22,11 +22,9 @@ matplotlib.use("Agg")  # files only: no display on compute nodes
 import matplotlib.pyplot as plt
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-# Run as `python scripts/plot_runs.py`: the project's modules live one folder up.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import configurator
-from configurator import UserError
+from metrics import read_metrics as read_records
+from runtime import UserError, exit_on_user_error, writable_dir
 
 # The field each kind of record must have: it is plotted.
 PLOTTED = {"train": ("loss",), "eval": ("val_loss",)}
@@ -37,24 +35,17 @@ STAT_PANELS = (("win_rate", "Sophia win rate (not clipped)", False),
 
 
 def read_metrics(path: Path) -> dict[str, list[dict]]:
-    """The run's records by kind ("train", "eval", ...), each sorted by step, one per step."""
-    if not path.is_file():
-        raise UserError(f"{path} not found; pass a run's out_dir or its metrics.jsonl")
-    by_kind: dict[str, dict[int, dict]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            for field in ("iter", *PLOTTED.get(record["kind"], ())):
-                float(record[field])
-            by_kind.setdefault(record["kind"], {})[int(record["iter"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"{path} line {n} is not a metrics record (JSON with kind and iter, and loss for "
-                            f"train or val_loss for eval records)") from None
+    """The run's records by kind ("train", "eval", ...), each sorted by step, one per step;
+    a record without the value this script plots is a UserError."""
+    by_kind = read_records(path)
+    for kind, fields in PLOTTED.items():
+        for record in by_kind.get(kind, []):
+            if not all(isinstance(record.get(f), (int, float)) for f in fields):
+                raise UserError(f"{path}: the {kind} record of step {record['iter']} has no "
+                                f"{' or '.join(fields)}; is it a metrics.jsonl of train.py?")
     if not by_kind:
         raise UserError(f"{path} holds no records; the run has not logged anything yet")
-    return {kind: [records[i] for i in sorted(records)] for kind, records in by_kind.items()}
+    return by_kind
 
 
 def tokens_per_step(metrics_file: Path) -> int:
@@ -128,13 +119,13 @@ def plot_runs(paths: list[str | Path], output: str | Path, labels: list[str] | N
     """Write make_figure(...) to the PNG `output`; returns its path."""
     fig = make_figure(paths, labels, x, title, ylim)
     output = Path(output)
-    configurator.writable_dir(output.parent, "--output")
+    writable_dir(output.parent, "--output")
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output
 
 
-@configurator.exit_on_user_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
     """Parse the command line, write the PNG; returns its path."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

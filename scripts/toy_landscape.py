@@ -5,8 +5,8 @@ and one flat dimension (Sec. 2.1),
 
 from (0.2, 0): minimum at (1, 4), saddle at (0, 4) (L1 has a local maximum at t1 = 0).
 
-    python scripts/toy_landscape.py                      # writes docs/toy_landscape.png
-    python scripts/toy_landscape.py --steps 50 --out /tmp/toy.png
+    python -m scripts.toy_landscape                      # writes docs/toy_landscape.png
+    python -m scripts.toy_landscape --steps 50 --out /tmp/toy.png
 
 Every method is deterministic (full gradients) and runs through torch: GD is
 torch.optim.SGD, Adam torch.optim.Adam (with its EMAs), Sophia the project's
@@ -32,7 +32,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sophia import SophiaG  # noqa: E402
 
 START = (0.2, 0.0)

@@ -9,16 +9,12 @@ steps; everything else works on synthetic metrics, so the file takes well under 
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import ablations  # noqa: E402
-import compare  # noqa: E402
-import toy_landscape  # noqa: E402
+from scripts import ablations, compare, toy_landscape
 
 BASE = str(ROOT / "config" / "train_shakespeare_char.py")
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
@@ -211,8 +207,9 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     (redo / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     others = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/metrics.jsonl") if p.parent != redo}
     started = []
-    monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: started.append(argv) or
-                        compare.subprocess.CompletedProcess(argv, 0))
+    real_run = compare.subprocess.run
+    monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
+                        else started.append(argv) or compare.subprocess.CompletedProcess(argv, 0))
 
     compare.main(argv)
     out = capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Every config in config/ parses, passes train.py's checks, says what it reproduces and
-what it costs in its opening comment, and has its row in the README's table."""
+what it costs in its opening comment, and has its row in the README's table; every GPT-2
+config runs what its size's config/_gpt2_<size>.py sets (model shape, batch, paper setup)."""
 
 import itertools
 import re
@@ -60,3 +61,16 @@ def test_every_config_parses_and_validates(path):
         train.validate(cfg, world_size=8)  # one 8-GPU node
     else:
         train.validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("path", [p for p in RUNNABLE if p.stem.startswith("train_gpt2_")], ids=lambda p: p.name)
+def test_every_gpt2_config_runs_what_its_size_file_sets(path):
+    """train_gpt2_<size>_<opt>.py includes _gpt2_<size>.py (not another size's) and overrides
+    none of it, so the four optimizers at one size train the same model on the same batches."""
+    size = path.stem.split("_")[2]
+    # With every default None, the keys left non-None are those the size file (and its includes) sets.
+    size_file = configurator.parse(dict.fromkeys(train.DEFAULTS), [str(ROOT / "config" / f"_gpt2_{size}.py")])
+    shared = {k: v for k, v in size_file.items() if v is not None}
+    assert {"n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps", "max_iters"} <= shared.keys()
+    cfg = configurator.parse(train.DEFAULTS, [str(path)])
+    assert {k: cfg[k] for k in shared} == shared

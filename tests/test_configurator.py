@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 import configurator
+import runtime
 import train
-from configurator import UserError, parse
+from configurator import parse
+from runtime import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = train.DEFAULTS
@@ -31,6 +33,10 @@ def write(path: Path, text: str) -> str:
 # ----------------------------------------------------------------------------- defaults and overrides
 
 def test_defaults_are_train_py_module_values():
+    """Read from train.py's source (scripts plan runs without importing train.py), they are
+    exactly the values Python gives its module-level names, in file order."""
+    assert DEFAULTS == {k: getattr(train, k) for k in DEFAULTS}
+    assert list(DEFAULTS)[:2] == ["out_dir", "eval_interval"] and list(DEFAULTS)[-1] == "seed"
     assert DEFAULTS["batch_size"] == train.batch_size == 12
     assert DEFAULTS["optimizer_name"] == "adamw"
     # Only the configuration: no modules, functions or constants defined after it.
@@ -190,7 +196,7 @@ def test_config_file_that_raises_is_reported_on_one_line(tmp_path):
 
 
 def test_exit_on_user_error_prints_one_error_line_and_exits_2(capsys):
-    @configurator.exit_on_user_error
+    @runtime.exit_on_user_error
     def main():
         raise UserError("something to fix")
 
@@ -202,7 +208,7 @@ def test_exit_on_user_error_prints_one_error_line_and_exits_2(capsys):
 
 def test_exit_on_user_error_folds_a_multi_line_message_into_one_line(capsys):
     """Messages may quote another library's multi-line exception (torch.load's does)."""
-    @configurator.exit_on_user_error
+    @runtime.exit_on_user_error
     def main():
         raise UserError("cannot read it (Error: first\n\n\tsecond\n)")
 
@@ -212,9 +218,9 @@ def test_exit_on_user_error_folds_a_multi_line_message_into_one_line(capsys):
 
 
 def test_exit_on_user_error_passes_return_values_and_other_exceptions_through():
-    assert configurator.exit_on_user_error(lambda x: x + 1)(1) == 2
+    assert runtime.exit_on_user_error(lambda x: x + 1)(1) == 2
     with pytest.raises(KeyError):
-        configurator.exit_on_user_error(lambda: {}["x"])()
+        runtime.exit_on_user_error(lambda: {}["x"])()
 
 
 # ----------------------------------------------------------------------------- --help

@@ -1,6 +1,6 @@
 """Tests for the tokenizers and the data/*/prepare.py scripts; offline and quick (seconds)."""
 
-import importlib.util
+import importlib
 import json
 import socket
 from pathlib import Path
@@ -8,26 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dataprep
+import dataset
 from tokenizer import gpt2_encoding, load_tokenizer, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT_ID = 50256
 
 
-def load_script(relative_path: str):
-    """Import a prepare.py by path: they share one module name, so plain imports would collide."""
-    path = ROOT / relative_path
-    name = relative_path.replace("/", "_").removesuffix(".py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-shakespeare_char = load_script("data/shakespeare_char/prepare.py")
-shakespeare_bpe = load_script("data/shakespeare/prepare.py")
-openwebtext = load_script("data/openwebtext/prepare.py")
+shakespeare_char = importlib.import_module("data.shakespeare_char.prepare")
+shakespeare_bpe = importlib.import_module("data.shakespeare.prepare")
+openwebtext = importlib.import_module("data.openwebtext.prepare")
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +72,7 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     target = tmp_path / "train.bin"
     target.write_bytes(b"complete")
     with pytest.raises(RuntimeError):
-        with dataprep.atomic_path(target) as tmp:
+        with dataset.atomic_path(target) as tmp:
             tmp.write_bytes(b"trunc")
             raise RuntimeError("killed mid-write")
     assert target.read_bytes() == b"complete"
@@ -91,7 +81,7 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
 
 @pytest.fixture(scope="module")
 def shakespeare_splits() -> tuple[str, str]:
-    return dataprep.split_text(dataprep.read_shakespeare())
+    return dataset.split_text(dataset.read_shakespeare())
 
 
 def check_shakespeare_prepare(prepare, out_dirs, splits, tokenizer):

@@ -30,12 +30,12 @@ import pytest
 import torch
 
 import train
-from distributed_worker import free_port
+from checkpoint import checkpoints
+from tests.distributed_worker import free_port
 
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "distributed_worker.py"
 WORLD = 2
 TINY = [
     "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -68,7 +68,7 @@ class Run:
     stdout: str = ""  # of single-process runs
 
     def checkpoint(self, step: int | None = None) -> dict:
-        path = self.out_dir / f"ckpt_{step:08d}.pt" if step is not None else train.checkpoints(self.out_dir)[-1]
+        path = self.out_dir / f"ckpt_{step:08d}.pt" if step is not None else checkpoints(self.out_dir)[-1]
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def records(self, kind: str) -> list[dict]:
@@ -101,7 +101,7 @@ def launch(runs: dict[str, list[str]], root: Path, timeout: float = 300) -> dict
                "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
         log = open(root / f"{spec_file.stem}-rank{rank}.log", "w+")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(spec_file)], cwd=ROOT, env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:
@@ -421,7 +421,7 @@ def output_after_training_starts(proc: subprocess.Popen, stop, timeout: float = 
 
 def assert_stopped_with_a_resumable_checkpoint(out_dir: Path, output: str, reason: str) -> None:
     assert f"{reason}: saved a checkpoint at step" in output, output[-3000:]
-    step = torch.load(train.checkpoints(out_dir)[-1], map_location="cpu", weights_only=True)["iter_num"]
+    step = torch.load(checkpoints(out_dir)[-1], map_location="cpu", weights_only=True)["iter_num"]
     assert step >= 3
     again = single_process(out_dir, *OPTIMIZERS["sophiag"], "--init_from=resume", f"--max_iters={step + 2}",
                            "--lr_decay_iters=100000", "--eval_interval=100000")

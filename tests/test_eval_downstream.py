@@ -10,7 +10,6 @@ import io
 import json
 import shutil
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ from torch.nn import functional as F
 import train
 from model import GPT, GPTConfig
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))  # after the project root: its modules win
-import eval_downstream as ed
+from scripts import eval_downstream as ed
+from tests.helpers import expect_one_line_error
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "superglue"
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
@@ -168,7 +167,7 @@ def test_tiny_trained_model_end_to_end(char_run, tmp_path, capsys):
 
 
 def test_an_exported_hugging_face_model_scores_like_the_checkpoint(char_run, tmp_path, capsys):
-    import export_hf
+    from scripts import export_hf
     with contextlib.redirect_stdout(io.StringIO()):
         export_hf.main([f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'hf'}"])
     common = [f"--data_dir={FIXTURE}", "--device=cpu", "--tasks=copa,cb", "--num_draws=2"]
@@ -177,23 +176,15 @@ def test_an_exported_hugging_face_model_scores_like_the_checkpoint(char_run, tmp
     assert {k: r["per_draw"] for k, r in hf["tasks"].items()} == {k: r["per_draw"] for k, r in ours["tasks"].items()}
 
 
-def expect_one_line_error(capsys, argv: list[str], fragment: str) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        ed.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
-
-
 def test_missing_data_dir_is_one_error_line(capsys, tmp_path):
-    expect_one_line_error(capsys, [f"--data_dir={tmp_path / 'nowhere'}"], "nowhere")
-    expect_one_line_error(capsys, [], "--data_dir")
+    expect_one_line_error(capsys, ed.main, [f"--data_dir={tmp_path / 'nowhere'}"], "nowhere")
+    expect_one_line_error(capsys, ed.main, [], "--data_dir")
 
 
 def test_missing_task_file_is_one_error_line(capsys, tmp_path):
     (tmp_path / "rte").mkdir()
     (tmp_path / "rte" / "train.jsonl").write_text((FIXTURE / "rte" / "train.jsonl").read_text())
-    expect_one_line_error(capsys, [f"--data_dir={tmp_path}", "--tasks=rte"], "val.jsonl not found")
+    expect_one_line_error(capsys, ed.main, [f"--data_dir={tmp_path}", "--tasks=rte"], "val.jsonl not found")
 
 
 def test_unknown_label_is_one_error_line(capsys, tmp_path):
@@ -201,29 +192,29 @@ def test_unknown_label_is_one_error_line(capsys, tmp_path):
         (tmp_path / "rte").mkdir(exist_ok=True)
         (tmp_path / "rte" / f"{split}.jsonl").write_text(
             json.dumps({"premise": "p", "hypothesis": "h", "label": "maybe"}) + "\n")
-    expect_one_line_error(capsys, [f"--data_dir={tmp_path}", "--tasks=rte"], "train.jsonl example 0")
+    expect_one_line_error(capsys, ed.main, [f"--data_dir={tmp_path}", "--tasks=rte"], "train.jsonl example 0")
 
 
 def test_unknown_task_is_one_error_line(capsys):
-    expect_one_line_error(capsys, [f"--data_dir={FIXTURE}", "--tasks=rte,wsc"], "wsc")
+    expect_one_line_error(capsys, ed.main, [f"--data_dir={FIXTURE}", "--tasks=rte,wsc"], "wsc")
 
 
 def test_unwritable_output_is_one_error_line_before_evaluating(capsys, char_run, tmp_path, monkeypatch):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     monkeypatch.setattr(ed, "evaluate_task", lambda *a, **k: pytest.fail("evaluated before checking --output"))
-    expect_one_line_error(capsys, [f"--out_dir={char_run}", f"--data_dir={FIXTURE}", "--device=cpu",
+    expect_one_line_error(capsys, ed.main, [f"--out_dir={char_run}", f"--data_dir={FIXTURE}", "--device=cpu",
                                    f"--output={tmp_path / 'blocker' / 'results'}"], "choose another --output")
 
 
 def test_a_damaged_hugging_face_directory_is_one_error_line(capsys, tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{not json")
-    expect_one_line_error(capsys, [f"--hf_dir={tmp_path / 'hf'}", f"--data_dir={FIXTURE}", "--device=cpu"],
+    expect_one_line_error(capsys, ed.main, [f"--hf_dir={tmp_path / 'hf'}", f"--data_dir={FIXTURE}", "--device=cpu"],
                           "export it again")
 
 
 def test_default_output_of_a_hugging_face_model_lies_beside_it(char_run, tmp_path):
-    import export_hf
+    from scripts import export_hf
     with contextlib.redirect_stdout(io.StringIO()):
         export_hf.main([f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'hf'}"])
         ed.main([f"--hf_dir={tmp_path / 'hf'}", f"--data_dir={FIXTURE}", "--device=cpu", "--tasks=copa",

@@ -10,7 +10,6 @@ their initial zeros and ones, so a misplaced tensor cannot go unnoticed.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,11 @@ import torch
 import transformers
 
 import train
+from checkpoint import load_trained_model
 from model import GPT, GPTConfig
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))  # after the project root: its modules win
-import export_hf
+from scripts import export_hf
+from tests.helpers import expect_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
@@ -97,7 +97,7 @@ def test_bpe_checkpoint_exports_a_loadable_model_and_tokenizer(bpe_run, tmp_path
     assert config["activation_function"] == "gelu_new" and config["scale_attn_by_inverse_layer_idx"] is True
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True).eval()
-    ours, meta = export_hf.load_run(bpe_run)
+    ours, meta = load_trained_model(bpe_run)
     assert meta["tokenizer"] == "gpt2"
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     ids = tokenizer("Hello world")["input_ids"]
@@ -115,7 +115,7 @@ def test_char_checkpoint_exports_the_model_and_its_vocabulary(char_run, tmp_path
     assert not (hf_dir / "tokenizer.json").exists()
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True).eval()
     assert hf.config.vocab_size == len(meta["chars"])
-    ours, _ = export_hf.load_run(char_run)
+    ours, _ = load_trained_model(char_run)
     assert_same_logits(ours, hf, torch.tensor([[vocab["chars"].index(c) for c in "ROMEO: Peace!"]]))
 
 
@@ -129,16 +129,8 @@ def test_overwrite_replaces_an_earlier_export_and_leaves_other_files(bpe_run, ch
     assert json.loads((hf_dir / "config.json").read_text())["vocab_size"] == 50257
 
 
-def expect_one_line_error(capsys, argv: list[str], fragment: str) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        export_hf.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
-
-
 def test_missing_checkpoint_is_one_error_line(capsys, tmp_path):
-    expect_one_line_error(capsys, [f"--out_dir={tmp_path / 'never-trained'}", f"--hf_dir={tmp_path / 'hf'}"],
+    expect_one_line_error(capsys, export_hf.main, [f"--out_dir={tmp_path / 'never-trained'}", f"--hf_dir={tmp_path / 'hf'}"],
                           "holds no checkpoint")
     assert not (tmp_path / "hf").exists()
 
@@ -146,15 +138,15 @@ def test_missing_checkpoint_is_one_error_line(capsys, tmp_path):
 def test_non_empty_hf_dir_without_overwrite_is_one_error_line(capsys, char_run, tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
-    expect_one_line_error(capsys, [f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'hf'}"], "--overwrite=True")
+    expect_one_line_error(capsys, export_hf.main, [f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'hf'}"], "--overwrite=True")
     assert (tmp_path / "hf" / "config.json").read_text() == "{}"
 
 
 def test_missing_hf_dir_is_one_error_line(capsys, char_run):
-    expect_one_line_error(capsys, [f"--out_dir={char_run}"], "--hf_dir")
+    expect_one_line_error(capsys, export_hf.main, [f"--out_dir={char_run}"], "--hf_dir")
 
 
 def test_unwritable_hf_dir_is_one_error_line(capsys, char_run, tmp_path):
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    expect_one_line_error(capsys, [f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'blocker' / 'hf'}"],
+    expect_one_line_error(capsys, export_hf.main, [f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'blocker' / 'hf'}"],
                           "choose another --hf_dir")

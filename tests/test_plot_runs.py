@@ -3,13 +3,12 @@
 and one `error: ...` line with exit status 2 for files that are missing or not metrics."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))  # after the project root: its modules win
-import plot_runs
+from scripts import plot_runs
+from tests.helpers import expect_one_line_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,51 +74,43 @@ def test_a_step_logged_twice_after_a_resume_keeps_the_later_record(tmp_path):
     assert evals[2]["val_loss"] == 1.5
 
 
-def expect_one_line_error(capsys, argv: list[str], fragment: str) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        plot_runs.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
-
-
 def test_missing_metrics_file_is_one_error_line(capsys, tmp_path):
     run = write_run(tmp_path / "run", sophia=False)
-    expect_one_line_error(capsys, [str(run), str(tmp_path / "missing"), f"--output={tmp_path / 'x.png'}"],
+    expect_one_line_error(capsys, plot_runs.main, [str(run), str(tmp_path / "missing"), f"--output={tmp_path / 'x.png'}"],
                           "missing not found")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_out_dir_without_metrics_is_one_error_line(capsys, tmp_path):
     (tmp_path / "empty-run").mkdir()
-    expect_one_line_error(capsys, [str(tmp_path / "empty-run")], "metrics.jsonl not found")
+    expect_one_line_error(capsys, plot_runs.main, [str(tmp_path / "empty-run")], "metrics.jsonl not found")
 
 
 def test_garbage_line_is_one_error_line(capsys, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"kind": "eval", "iter": 0, "val_loss": 3.0}\nnot json\n')
-    expect_one_line_error(capsys, [str(tmp_path / "bad.jsonl")], "bad.jsonl line 2")
+    expect_one_line_error(capsys, plot_runs.main, [str(tmp_path / "bad.jsonl")], "bad.jsonl line 2")
 
 
 def test_wrong_number_of_labels_is_one_error_line(capsys, tmp_path):
     run = write_run(tmp_path / "run", sophia=False)
-    expect_one_line_error(capsys, [str(run), "--labels=a,b"], "2 labels for 1 runs")
+    expect_one_line_error(capsys, plot_runs.main, [str(run), "--labels=a,b"], "2 labels for 1 runs")
 
 
 def test_tokens_axis_without_config_json_is_one_error_line(capsys, tmp_path):
     run = write_run(tmp_path / "run", sophia=False)
     (run / "config.json").unlink()
-    expect_one_line_error(capsys, [str(run), "--x=tokens"], "config.json")
+    expect_one_line_error(capsys, plot_runs.main, [str(run), "--x=tokens"], "config.json")
 
 
 def test_an_eval_record_without_val_loss_is_one_error_line(capsys, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"kind": "eval", "iter": 0, "val_loss": 3.0}\n{"kind": "eval", "iter": 10}\n')
-    expect_one_line_error(capsys, [str(tmp_path / "bad.jsonl")], "bad.jsonl line 2")
+    expect_one_line_error(capsys, plot_runs.main, [str(tmp_path / "bad.jsonl")], "eval record of step 10 has no val_loss")
 
 
 def test_unwritable_output_is_one_error_line(capsys, tmp_path):
     run = write_run(tmp_path / "run", sophia=False)
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    expect_one_line_error(capsys, [str(run), f"--output={tmp_path / 'blocker' / 'x.png'}"], "choose another --output")
+    expect_one_line_error(capsys, plot_runs.main, [str(run), f"--output={tmp_path / 'blocker' / 'x.png'}"], "choose another --output")
 
 
 def test_a_short_run_has_whole_step_ticks_and_a_visible_single_train_point(tmp_path):

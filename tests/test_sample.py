@@ -13,6 +13,7 @@ import torch
 
 import sample
 import train
+from tests.helpers import expect_one_line_error
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
         "--eval_interval=4", "--eval_iters=1", "--gradient_accumulation_steps=1", "--device=cpu",
@@ -88,36 +89,30 @@ def test_bpe_checkpoint_samples_with_the_gpt2_tokenizer(bpe_run):
     assert len(sampled) == 3 and all(s.startswith(prompt) for s in sampled)
 
 
-def expect_one_line_error(capsys, out_dir: Path, args: list[str], *fragments: str) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        run_sample(out_dir, *args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
+def expect_sample_error(capsys, out_dir: Path, args: list[str], *fragments: str) -> None:
+    expect_one_line_error(capsys, sample.main, [f"--out_dir={out_dir}", "--device=cpu", *args], *fragments)
 
 
 def test_characters_outside_the_vocabulary_are_one_error_line(capsys, char_run):
-    expect_one_line_error(capsys, char_run, ["--start=Caf\u00e9 \u2603"], "\u00e9", "\u2603", "--start")
+    expect_sample_error(capsys, char_run, ["--start=Caf\u00e9 \u2603"], "\u00e9", "\u2603", "--start")
 
 
 def test_missing_checkpoint_is_one_error_line(capsys, tmp_path):
-    expect_one_line_error(capsys, tmp_path / "never-trained", ["--start=ROMEO:"], "never-trained")
+    expect_sample_error(capsys, tmp_path / "never-trained", ["--start=ROMEO:"], "never-trained")
 
 
 def test_missing_prompt_file_is_one_error_line(capsys, char_run, tmp_path):
-    expect_one_line_error(capsys, char_run, [f"--start=FILE:{tmp_path / 'nope.txt'}"], "nope.txt")
+    expect_sample_error(capsys, char_run, [f"--start=FILE:{tmp_path / 'nope.txt'}"], "nope.txt")
 
 
 @pytest.mark.parametrize("arg", ["--num_samples=0", "--max_new_tokens=0", "--temperature=-1.0", "--top_k=-3"])
 def test_out_of_range_settings_are_one_error_line(capsys, char_run, arg):
     key = arg[2:].split("=")[0]
-    expect_one_line_error(capsys, char_run, [arg], key, "at least")
+    expect_sample_error(capsys, char_run, [arg], key, "at least")
 
 
 def test_a_directory_as_prompt_file_is_one_error_line(capsys, char_run, tmp_path):
-    expect_one_line_error(capsys, char_run, [f"--start=FILE:{tmp_path}"], str(tmp_path), "not a readable file")
+    expect_sample_error(capsys, char_run, [f"--start=FILE:{tmp_path}"], str(tmp_path), "not a readable file")
 
 
 def test_samples_from_openai_gpt2_weights_with_the_gpt2_tokenizer(gpt2_hub):

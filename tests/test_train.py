@@ -25,7 +25,9 @@ import pytest
 import torch
 
 import train
-from distributed_worker import free_port
+from checkpoint import checkpoints
+from tests.helpers import expect_one_line_error
+from tests.distributed_worker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAR_VOCAB = 84  # shakespeare_char's vocabulary size (meta.json)
@@ -74,7 +76,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def latest(out_dir: Path) -> Path:
-    return train.checkpoints(out_dir)[-1]
+    return checkpoints(out_dir)[-1]
 
 
 def load_ckpt(out_dir: Path) -> dict:
@@ -303,7 +305,7 @@ def previous_run(tmp_path_factory) -> Path:
     """An out_dir holding a finished adamw run (ckpt_*.pt, config.json, metrics.jsonl)."""
     out_dir = tmp_path_factory.mktemp("previous")
     run_train(out_dir, "--max_iters=4", "--eval_interval=2")
-    assert train.checkpoints(out_dir)
+    assert checkpoints(out_dir)
     return out_dir
 
 
@@ -353,17 +355,11 @@ def char_ids(n: int = 2000, seed: int = 0) -> np.ndarray:
 
 
 def expect_user_error(capsys, out_dir: Path, args: list[str], *fragments: str) -> str:
-    """train.main refuses `args`: exit status 2, exactly one stderr line `error: ...`
-    holding every fragment, and every file in out_dir byte-identical afterwards."""
+    """train.main refuses `args` with one error line holding every fragment, and every file
+    in out_dir is byte-identical afterwards."""
     before = snapshot(out_dir)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main([*TINY, f"--out_dir={out_dir}", "--max_iters=2", *args])
-    err = capsys.readouterr().err
-    assert e.value.code == 2
-    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
+    err = expect_one_line_error(capsys, train.main, [*TINY, f"--out_dir={out_dir}", "--max_iters=2", *args],
+                                *fragments)
     assert snapshot(out_dir) == before
     return err
 
@@ -389,7 +385,7 @@ cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
     pytest.param(["--optimizer_name=sophiag", "--hess_estimator=fisher"], ["hess_estimator='fisher'", "empirical_fisher"],
                  id="unknown-estimator"),
     pytest.param(["--hess_estimator=gnb"], ["for Sophia", "--optimizer_name=sophiag"], id="estimator-without-sophia"),
-    pytest.param(["--optimizer_impl=fast"], ["optimizer_impl='fast'", "foreach"], id="unknown-optimizer-impl"),
+    pytest.param(["--optimizer_impl=fast"], ["optimizer_impl='fast'", "reference, compiled"], id="unknown-optimizer-impl"),
     pytest.param(["--dataset=_no_such_dataset"], ["'_no_such_dataset' not found", "shakespeare_char"],
                  id="unknown-dataset"),
     pytest.param(["--device=cuda"], ["no CUDA GPU", "--device=cpu"], id="cuda-without-gpu", marks=cuda_missing),
@@ -437,13 +433,13 @@ def test_resume_without_checkpoint_is_refused(capsys, tmp_path):
 
 
 def test_resume_when_every_checkpoint_is_damaged_is_refused_on_one_line(capsys, out_dir):
-    for path in train.checkpoints(out_dir):
+    for path in checkpoints(out_dir):
         path.write_bytes(b"not a checkpoint")
     expect_user_error(capsys, out_dir, ["--init_from=resume"], "cannot read checkpoint", "damaged")
 
 
 def test_resume_from_a_foreign_torch_file_is_refused(capsys, out_dir):
-    for path in train.checkpoints(out_dir):
+    for path in checkpoints(out_dir):
         path.unlink()
     torch.save({"state_dict": {"w": torch.zeros(2)}}, out_dir / "ckpt_00000001.pt")
     expect_user_error(capsys, out_dir, ["--init_from=resume"], "not a checkpoint of this project", "model_args")
@@ -458,8 +454,7 @@ def test_unwritable_out_dir_is_refused(capsys, tmp_path):
 
 def test_missing_train_bin_names_the_prepare_script_to_run(capsys, out_dir, make_dataset):
     name = make_dataset(meta=CHAR_META, prepare_script=True)
-    script = ROOT / "data" / name / "prepare.py"
-    err = expect_user_error(capsys, out_dir, [f"--dataset={name}"], "train.bin not found", f"python {script}")
+    err = expect_user_error(capsys, out_dir, [f"--dataset={name}"], "train.bin not found", f"python -m data.{name}.prepare")
     assert "no such script" not in err
 
 

@@ -5,14 +5,15 @@ compute node without network) it falls back to offline; a resumed run continues 
 wandb run. The unit tests use a stand-in wandb module; one test runs the real one offline.
 """
 
+import os
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-import train
-from test_train import TINY, run_train
+import metrics
+from tests.test_train import TINY, run_train
 
 
 class FakeWandb(types.ModuleType):
@@ -45,7 +46,7 @@ def start(monkeypatch, tmp_path, fake: FakeWandb) -> object:
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out_dir = tmp_path / "out"
     out_dir.mkdir(exist_ok=True)
-    return train.init_wandb(train.Config(train.DEFAULTS), out_dir)
+    return metrics.init_wandb("sophia", "gpt2", {}, out_dir)
 
 
 def write_netrc(home: Path, host: str) -> None:
@@ -55,26 +56,26 @@ def write_netrc(home: Path, host: str) -> None:
 
 def test_without_credentials_it_logs_offline(home, tmp_path, monkeypatch, capsys):
     start(monkeypatch, tmp_path, FakeWandb())
-    assert train.os.environ["WANDB_MODE"] == "offline"
+    assert os.environ["WANDB_MODE"] == "offline"
     assert "logging offline" in capsys.readouterr().out
 
 
 def test_a_netrc_without_a_wandb_entry_is_no_credential(home, tmp_path, monkeypatch):
     write_netrc(home, "github.com")
-    assert not train.wandb_has_credentials()
+    assert not metrics.wandb_has_credentials()
     start(monkeypatch, tmp_path, FakeWandb())
-    assert train.os.environ["WANDB_MODE"] == "offline"
+    assert os.environ["WANDB_MODE"] == "offline"
 
 
 def test_credentials_keep_it_online(home, tmp_path, monkeypatch):
     write_netrc(home, "api.wandb.ai")
-    assert train.wandb_has_credentials()
+    assert metrics.wandb_has_credentials()
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
-    assert not train.wandb_has_credentials(), "a netrc entry for another wandb server is not a key for this one"
+    assert not metrics.wandb_has_credentials(), "a netrc entry for another wandb server is not a key for this one"
     monkeypatch.delenv("WANDB_BASE_URL")
     fake = FakeWandb()
     start(monkeypatch, tmp_path, fake)
-    assert "WANDB_MODE" not in train.os.environ
+    assert "WANDB_MODE" not in os.environ
     assert "mode" not in fake.calls[0]
 
 

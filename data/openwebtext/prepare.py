@@ -1,7 +1,7 @@
 """OpenWebText (or any text corpus) as GPT-2 tokens: train.bin, val.bin and meta.json.
 
-    python data/openwebtext/prepare.py                                   # OpenWebText from the Hub
-    python data/openwebtext/prepare.py --data_files 'corpus/*.jsonl'     # local files, no network
+    python -m data.openwebtext.prepare                                   # OpenWebText from the Hub
+    python -m data.openwebtext.prepare --data_files 'corpus/*.jsonl'     # local files, no network
 
 The default --dataset is Skylion007/openwebtext, the Hub repository nanoGPT's plain
 `openwebtext` name redirects to. The corpus was re-uploaded there as parquet shards under
@@ -27,12 +27,10 @@ import numpy as np
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
-# As a script only this folder is on sys.path; the shared helpers live at the repo root.
-sys.path.insert(0, str(HERE.parents[1]))
+from dataset import TOKEN_DTYPE, atomic_path, write_meta
+from tokenizer import gpt2_encoding
 
-from dataprep import TOKEN_DTYPE, atomic_path, write_meta  # noqa: E402
-from tokenizer import gpt2_encoding  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 DEFAULT_DATASET = "Skylion007/openwebtext"
 DEFAULT_NUM_PROC = max(1, min(8, (os.cpu_count() or 2) // 2))

@@ -1,18 +1,15 @@
 """GPT-2 BPE Shakespeare: train.bin, val.bin and meta.json in this folder.
 
-Run from anywhere: python data/shakespeare/prepare.py
+Run from the repository root: python -m data.shakespeare.prepare
 Uses the offline GPT-2 encoding from tokenizer.py, so it needs no network.
 """
 
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# As a script only this folder is on sys.path; the shared helpers live at the repo root.
-sys.path.insert(0, str(HERE.parents[1]))
+from dataset import SHAKESPEARE_SOURCE, read_shakespeare, split_text, write_bins
+from tokenizer import gpt2_encoding
 
-from dataprep import SHAKESPEARE_SOURCE, read_shakespeare, split_text, write_bins  # noqa: E402
-from tokenizer import gpt2_encoding  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def prepare(out_dir: Path = HERE) -> dict:

@@ -1,0 +1,171 @@
+"""Checkpoints: atomic writes, reading the latest, RNG state, and FSDP2's full state dicts.
+
+A checkpoint out_dir/ckpt_<step>.pt is one torch.save'd dict: the model and optimizer state
+dicts (always unsharded, so a sharded run resumes unsharded and back), the training progress,
+every rank's RNG states, the config, the model's shape and the dataset's tokenizer (meta).
+"""
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+from runtime import UserError
+
+REQUIRED = ("model", "optimizer", "scaler", "model_args", "iter_num", "tokens", "best_val_loss", "config", "meta")
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The checkpoints in out_dir, oldest first (names are zero-padded step numbers)."""
+    return sorted(Path(out_dir).glob("ckpt_*.pt"))
+
+
+def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
+    """Write ckpt_<step>.pt atomically (temporary file, fsync, rename, fsync of the folder),
+    so a crash at any moment leaves every earlier checkpoint intact; then delete all but
+    the `keep` latest."""
+    path = out_dir / f"ckpt_{state['iter_num']:08d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in checkpoints(out_dir)[:-keep]:
+        old.unlink()
+    return path
+
+
+def remove_partial_saves(out_dir: Path) -> None:
+    """Delete the temporary files of saves that a crash interrupted."""
+    for stale in Path(out_dir).glob("ckpt_*.pt.tmp"):
+        stale.unlink()
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load one checkpoint (weights_only: a checkpoint cannot run code); UserError if it is
+    damaged or not one of ours. The tensors stay memory-mapped on the CPU, so the ranks of a
+    large sharded run neither copy the whole file into their own memory nor onto their GPU;
+    loading them into the model and optimizer moves what each rank holds to its device."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not "
+                        f"a checkpoint of this project") from e
+    lacking = [k for k in REQUIRED if k not in checkpoint] if isinstance(checkpoint, dict) else list(REQUIRED)
+    if lacking:
+        raise UserError(f"{path} is not a checkpoint of this project (no {', '.join(lacking)}); "
+                        f"use a new --out_dir")
+    return checkpoint
+
+
+def load_latest_checkpoint(out_dir: Path) -> tuple[dict, Path]:
+    """The newest readable checkpoint in out_dir and its path; a damaged newer one (a disk
+    that lost the end of a file) is reported and skipped."""
+    paths = checkpoints(out_dir)
+    if not paths:
+        raise UserError(f"{out_dir} holds no checkpoint (ckpt_*.pt); train first, or point --out_dir at a run "
+                        f"that has saved one")
+    damaged = []
+    for path in reversed(paths):
+        try:
+            checkpoint = read_checkpoint(path)
+        except UserError as e:
+            damaged.append(e)
+            continue
+        for e in damaged:
+            print(f"warning: skipped a newer checkpoint: {e}", file=sys.stderr)
+        return checkpoint, path
+    raise damaged[0]
+
+
+def load_trained_model(out_dir: str | Path) -> tuple[GPT, dict]:
+    """The model of out_dir's latest checkpoint (eval mode, CPU) and the meta of its dataset
+    (the tokenizer); for sample.py and the scripts."""
+    checkpoint, _ = load_latest_checkpoint(Path(out_dir))
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint["meta"]
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict:
+    """This process's global RNG states (Python, NumPy, torch CPU and CUDA) and those of
+    `generators` (the data sampler's, the estimator's), as tensors and plain values that a
+    weights_only load accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                                        "pos": np_state["state"]["pos"]}},
+        "torch": torch.get_rng_state(),
+        **{name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    """Restore what rng_state saved; a generator the checkpoint does not hold keeps its state."""
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {"key": np_state["state"]["key"].cpu().numpy().astype(np.uint32),
+                                               "pos": np_state["state"]["pos"]}})
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    for name, g in generators.items():
+        if name in state:
+            g.set_state(state[name].cpu())
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each of the optimizer's parameters, in the order of the integer ids of
+    optimizer.state_dict() (a tied tensor goes by its first name, as in
+    torch.distributed.checkpoint)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The full (unsharded) model and optimizer state dicts of an FSDP2 model on the CPU,
+    in the format of model.state_dict() and optimizer.state_dict(), so a sharded run writes
+    the same checkpoint as an unsharded one. A collective: every rank calls it; ranks other
+    than 0 get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not optim_sd:
+        return model_sd, optim_sd
+    ids = {name: i for i, name in enumerate(_param_names(model, optimizer))}  # names -> state_dict()'s ids
+    return model_sd, {"state": {ids[name]: state for name, state in optim_sd["state"].items()},
+                      "param_groups": [{**g, "params": [ids[name] for name in g["params"]]}
+                                       for g in optim_sd["param_groups"]]}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
+    """Load an unsharded optimizer.state_dict() (any run's checkpoint) into the optimizer of
+    an FSDP2 model: rank 0's copy is broadcast and each rank keeps its shards. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = _param_names(model, optimizer)
+    by_name = {"state": {names[i]: state for i, state in optim_sd["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_sd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if hasattr(optimizer, "stats"):
+        # Sophia: set_optimizer_state_dict creates the state with one zero-lr step first; forget
+        # its win-rate counts (stats() is a collective here too: every rank calls it).
+        optimizer.stats(reset=True)

@@ -1,0 +1,161 @@
+"""What the entry points share: one-line user errors, device and dtype choice, output folders,
+and the process plumbing of distributed runs (gradient sync, FSDP2 sharding, stop requests).
+
+train.py, sample.py and the scripts import this; none of it is configuration.
+"""
+
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent  # the repository: data/, config/ and the entry points
+
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names the problem and the fix. Entry points
+    print it as one line and exit with status 2 instead of showing a traceback."""
+
+
+def one_line(message: str) -> str:
+    """The message on one line, even when it quotes a multi-line exception (e.g. torch.load's)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def exit_on_user_error(fn: F) -> F:
+    """Decorator for an entry point's main(): a UserError becomes one line on stderr and exit 2.
+    Under torchrun only rank 0 prints it (every rank raises the same error), and all exit 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if os.environ.get("RANK", "0") == "0":
+                print("error: " + one_line(str(e)), file=sys.stderr)
+            sys.exit(2)
+    return wrapper  # type: ignore[return-value]
+
+
+def writable_dir(path: str | Path, option: str) -> Path:
+    """Create the directory `path` if needed and check that files can be written in it, before
+    any work is done; a UserError naming the command-line `option` to change otherwise."""
+    path = Path(path)
+    if not str(path).strip():
+        raise UserError(f"{option} is empty; give a folder name")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {str(path)!r} ({e.strerror}); choose another {option}") from None
+    return path
+
+
+def pick_device(requested: str) -> str:
+    """'auto' is cuda > mps > cpu; an explicit device must exist here."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={requested!r} but this machine has no CUDA GPU; use --device=cpu or --device=auto")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device='mps' but MPS is not available here; use --device=cpu or --device=auto")
+    if requested not in ("cpu", "mps") and not requested.startswith("cuda"):
+        raise UserError(f"device={requested!r} is unknown; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return requested
+
+
+def device_type(device: str) -> str:
+    """'cuda' for 'cuda:N', else the device itself: what torch.autocast and GradScaler take."""
+    return "cuda" if device.startswith("cuda") else device
+
+
+def pick_dtype(requested: str, device_type: str) -> str:
+    """'auto' is bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere."""
+    if requested == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if requested not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype={requested!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    if requested == "float16" and device_type != "cuda":
+        raise UserError("dtype='float16' needs a CUDA GPU (it trains with a GradScaler); use bfloat16 or float32")
+    return requested
+
+
+def autocast(device_type: str, dtype_name: str) -> AbstractContextManager:
+    """Mixed precision for the forward pass; nothing for float32."""
+    if dtype_name == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
+
+
+def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn the gradient all-reduce of a DDP or FSDP2 module on or off, so that only the
+    last of several backward passes pays for it; a plain module is left alone."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2's fully_shard
+        model.set_requires_gradient_sync(enabled)
+
+
+def shard_model(model: torch.nn.Module, device_type: str, world_size: int) -> None:
+    """FSDP2 for a model.GPT, in place: each transformer block is one unit and the root holds the rest. The
+    tied wte/lm_head weight is one tensor, so it belongs to the root's unit (with wpe and
+    ln_f). The parameters become DTensor shards over a 1-D mesh of all ranks; build the
+    optimizer afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device_type, (world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+class StopRequests:
+    """Preemption (SLURM sends SIGTERM or SIGUSR1): the loop finishes its step, checkpoints and
+    exits 0. Under torchrun, also when the launcher is gone (killed by a signal it does not
+    handle): its workers would otherwise train on unsupervised. Ranks agree on the reason,
+    so every rank stops at the same step and rank 0 prints a reason some rank really had."""
+
+    REASONS = ("", "received SIGTERM", "received SIGUSR1", "the torchrun launcher is gone")
+
+    def __init__(self):
+        self.signals: list[int] = []
+        self.launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self.previous = {sig: signal.signal(sig, lambda signum, _: self.signals.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def local(self) -> int:
+        """This rank's reason, as an index into REASONS (0: none)."""
+        if self.signals:
+            return 1 if self.signals[0] == signal.SIGTERM else 2
+        if self.launcher is not None and os.getppid() != self.launcher:
+            return 3
+        return 0
+
+    def agreed(self, device: str) -> str:
+        """The reason to stop now, the same on every rank (a collective under torchrun)."""
+        code = self.local()
+        if dist.is_initialized():
+            flag = torch.tensor(code, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        return self.REASONS[code]
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

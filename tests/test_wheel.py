@@ -1,0 +1,96 @@
+"""`pip install .` installs the optimizer alone: the wheel built from this repository holds
+sophia.py and nothing else, and in a fresh virtual environment (which has torch from the
+system site-packages but not this repository) the README's own-loop snippet runs against
+the installed module and trains a model.
+
+Nothing is downloaded: the wheel is built without build isolation (setuptools comes from
+this environment) and installed without dependencies.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The venv has no model.py and no data: a tiny model with the interface the snippet states
+# (model(x) returns (logits, anything), model(x, y)[1] is the loss) and a short loader.
+PRELUDE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=32, width=32):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, x, y=None):
+        logits = self.head(torch.tanh(self.emb(x)))
+        loss = None if y is None else F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        return logits, loss
+
+
+torch.manual_seed(0)
+model = TinyLM()
+data = torch.arange(17).repeat(8, 1) % 32  # a learnable sequence: next token = this token + 1
+loader = [(data[:, :-1], data[:, 1:])] * 300
+before = model(*loader[0])[1].item()
+'''
+
+REPORT = '''
+import json, sys
+import sophia
+print(json.dumps({"sophia": sophia.__file__, "prefix": sys.prefix, "path": sys.path,
+                  "before": before, "after": model(*loader[0])[1].item()}))
+'''
+
+
+def readme_snippet() -> str:
+    """The README's fenced Python block that uses the installed optimizer."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    matches = [b for b in blocks if "from sophia import SophiaG" in b]
+    assert len(matches) == 1, f"{len(matches)} README blocks import SophiaG"
+    return matches[0]
+
+
+def run(*cmd, cwd: Path) -> str:
+    result = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_the_wheel_installs_sophia_alone_and_the_readme_snippet_trains_with_it(tmp_path):
+    # Build from a copy, as pip would see the checkout, so the build leaves nothing in the tree.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", "*.pyc", "*.bin", "out*", "wandb", ".pytest_cache", "*.egg-info", "build", ".venv"))
+    run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "--no-index",
+        "-w", tmp_path / "dist", cwd=tmp_path)
+    [wheel] = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"sophia.py"}, names
+
+    # The venv sees torch in the system site-packages (no download) and runs this
+    # environment's pip, which installs into the venv.
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    run(python, "-m", "pip", "install", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+
+    script = tmp_path / "own_loop.py"
+    script.write_text(PRELUDE + readme_snippet() + REPORT)
+    # -I: neither the script's folder nor the current one nor PYTHONPATH is on sys.path, so
+    # `import sophia` can only find the installed copy.
+    result = json.loads(run(python, "-I", script, cwd=tmp_path).splitlines()[-1])
+    installed = Path(result["sophia"]).resolve()
+    assert Path(result["prefix"]).resolve() == env_dir.resolve()
+    assert env_dir.resolve() in installed.parents, installed
+    assert not any(Path(p).resolve() == ROOT for p in result["path"] if p)
+    assert result["after"] < 0.5 * result["before"], result
