@@ -99,10 +99,10 @@ def load_trained_model(out_dir: str | Path) -> tuple[GPT, dict]:
 
 # ----------------------------------------------------------------------------- RNG state
 
-def rng_state(generators: dict[str, torch.Generator]) -> dict:
+def rng_state(generators: dict) -> dict:
     """This process's global RNG states (Python, NumPy, torch CPU and CUDA) and those of
-    `generators` (the data sampler's, the estimator's), as tensors and plain values that a
-    weights_only load accepts."""
+    `generators` (anything with get_state/set_state: a torch.Generator, dataset.Batches), as
+    tensors and plain values that a weights_only load accepts."""
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
@@ -116,7 +116,7 @@ def rng_state(generators: dict[str, torch.Generator]) -> dict:
     return state
 
 
-def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+def set_rng_state(state: dict, generators: dict) -> None:
     """Restore what rng_state saved; a generator the checkpoint does not hold keeps its state."""
     random.setstate(state["python"])
     np_state = state["numpy"]

@@ -98,27 +98,57 @@ def windows(data: np.memmap, offsets: list[int], block_size: int, device: str) -
     return x.to(device), y.to(device)
 
 
-class Batches:
-    """Random windows of a token file. Each step draws the offsets of the whole global batch
-    from one generator, seeded alike on every rank, and each rank takes its own block of
-    them: the data order depends on the seed alone (not on the optimizer or the world size),
-    and the generator's state is the sampler's position in a checkpoint."""
+EVAL_SEED = 1000  # evaluation windows depend on the data alone: every run, seed and optimizer scores the same
 
-    def __init__(self, path: Path, block_size: int, batch_size: int, seed: int, device: str):
+
+def eval_offsets(path: Path, block_size: int, batches: int, batch_size: int) -> torch.Tensor:
+    """(batches, batch_size) window starts for evaluation, the same for every run of a dataset."""
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    return torch.randint(token_count(path) - block_size, (batches, batch_size), generator=generator)
+
+
+class Batches:
+    """Random windows of a token file, one step's micro-batches at a time. Each step draws the
+    offsets of the whole global batch from one generator, seeded alike on every rank, and each
+    rank takes its own block of them: the data order depends on the seed alone (not on the
+    optimizer or the world size), and the generator's state is the sampler's position in a
+    checkpoint. prefetch() reads the next step's batches ahead (on CUDA the copies run while
+    the device computes); get_state() is the position before them, so a checkpoint taken
+    after a prefetch resumes with those same batches."""
+
+    def __init__(self, path: Path, block_size: int, batch_size: int, seed: int, device: str,
+                 micro_steps: int = 1, rank: int = 0, world_size: int = 1):
         self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
+        self.micro_steps, self.rank, self.world_size = micro_steps, rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.n_tokens = token_count(path)
+        self._ahead: tuple[torch.Tensor, list] | None = None  # (generator state before, batches)
 
-    def offsets(self, *shape: int) -> torch.Tensor:
-        """Window starts of the given shape, each a valid start, from the generator."""
-        return torch.randint(self.n_tokens - self.block_size, shape, generator=self.generator)
-
-    def step(self, micro_steps: int, rank: int = 0, world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's `micro_steps` (x, y) micro-batches of the next global batch."""
-        ix = self.offsets(world_size, micro_steps, self.batch_size)[rank]
+    def _draw(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ix = torch.randint(self.n_tokens - self.block_size, (self.world_size, self.micro_steps, self.batch_size),
+                           generator=self.generator)[self.rank]
         # A fresh memmap per step avoids the memory growth of a long-lived one (nanoGPT #93).
         data = open_tokens(self.path)
         return [windows(data, row.tolist(), self.block_size, self.device) for row in ix]
+
+    def prefetch(self) -> None:
+        if self._ahead is None:
+            state = self.generator.get_state()
+            self._ahead = (state, self._draw())
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches (x, y) of the next global batch."""
+        self.prefetch()
+        batches = self._ahead[1]
+        self._ahead = None
+        return batches
+
+    def get_state(self) -> torch.Tensor:
+        return self._ahead[0] if self._ahead is not None else self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+        self._ahead = None
 
 
 # ----------------------------------------------------------------------------- checks

@@ -1,15 +1,21 @@
 """The run's records: out_dir/metrics.jsonl (one JSON object per line) and, optionally, wandb.
 
 Each record has "kind" ("train", "eval" or "skipped") and "iter". A resumed run appends the
-steps after its checkpoint again: readers keep the later record of a step.
+steps after its checkpoint again: readers keep the later record of a step. A value that is
+not finite (a diverged loss, a NaN gradient norm) is written as null, so every line stays
+valid JSON; a train record's loss is null when every step since the last line was skipped.
 """
 
 import json
+import math
 import netrc
 import os
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
 
 from runtime import UserError
 
@@ -23,7 +29,8 @@ class MetricsLog:
         self.wandb_run = wandb_run
 
     def __call__(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record["iter"])
@@ -32,6 +39,49 @@ class MetricsLog:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class StepWindow:
+    """The steps since the last log line, summed on the device as they happen (the loop never
+    waits for them) and read once, at the log line."""
+
+    def __init__(self, device: str, grad_clip: float):
+        self.device, self.grad_clip = device, grad_clip
+        self.bad_in_a_row = 0  # consecutive skipped steps, carried across windows
+        self.skipped_total = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.clipped = torch.zeros((), device=self.device)
+        self.applied: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, applied: torch.Tensor) -> None:
+        """One step's results from train_step; `applied` is 1.0 or 0.0 (skipped)."""
+        self.applied.append(applied)
+        self.loss_sum += torch.where(applied > 0, loss, 0.0)
+        if self.grad_clip > 0:
+            self.clipped += (norm > self.grad_clip).float() * applied
+        self.norm = norm
+
+    def close(self, last_iter: int, distributed: bool) -> dict:
+        """Read the window (the host sync) and start the next: the mean loss over the applied
+        steps (None when all were skipped; averaged over ranks), the last gradient norm, the
+        clipping frequency, and each skipped step as (iter, how many in a row up to it)."""
+        if distributed:
+            dist.all_reduce(self.loss_sum, op=dist.ReduceOp.AVG)
+        flags = torch.stack(self.applied).tolist()
+        applied = sum(flags)
+        skipped = []
+        for it, flag in enumerate(flags, last_iter - len(flags) + 1):
+            self.bad_in_a_row = 0 if flag else self.bad_in_a_row + 1
+            if not flag:
+                skipped.append((it, self.bad_in_a_row))
+        self.skipped_total += len(skipped)
+        summary = dict(loss=self.loss_sum.item() / applied if applied else None, grad_norm=self.norm.item(),
+                       clip_frac=self.clipped.item() / max(1, applied), steps=len(flags), skipped=skipped)
+        self._reset()
+        return summary
 
 
 def read_metrics(path: Path) -> dict[str, list[dict]]:

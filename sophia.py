@@ -88,10 +88,9 @@ class Sophia(torch.optim.Optimizer):
     `optimizer.found_inf` to a 0-dim float tensor on the parameters' device before step();
     where it is nonzero (e.g. a gradient overflowed) the step leaves the parameters, m and h
     exactly as they were and is left out of stats(); where it is 0 the step is ordinary. The
-    flag is read on the device, inside the update (torch.where), never by the host. The step
-    counters still advance: state["step"] counts calls of step() (it is a CPU tensor, and
-    holding it back would need the flag on the host); no part of the update reads it, it
-    only sets which steps stats_every samples.
+    flag is read on the device, inside the update (torch.where), never by the host.
+    state["step"] (on the parameter's device, like fused AdamW's) counts the applied steps;
+    which steps stats_every samples is decided by the calls of step(), on the host.
     """
 
     def __init__(self, params: ParamsT, *, lr: float = 1e-4, betas: tuple[float, float] = (0.96, 0.99),
@@ -129,7 +128,7 @@ class Sophia(torch.optim.Optimizer):
     def _state(self, p: Tensor) -> dict:
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
@@ -144,7 +143,10 @@ class Sophia(torch.optim.Optimizer):
         for group in self.param_groups:  # checkpoints from before the ablation options
             group.setdefault("clip", True)
             group.setdefault("sqrt_hessian", False)
-        # The host counter resumes where the checkpoint's state["step"] (CPU tensors) left off.
+        for p, state in self.state.items():  # a checkpoint loads on the CPU
+            if "step" in state:
+                state["step"] = state["step"].to(_local(p).device)
+        # The host counter resumes where the checkpoint left off (one read, at load time).
         steps = [s["step"] for s in self.state.values() if "step" in s]
         self._steps = int(torch.stack(steps).max()) if steps else 0
 
@@ -216,7 +218,7 @@ class Sophia(torch.optim.Optimizer):
                 steps.append(state["step"])
             if not params:
                 continue
-            torch._foreach_add_(steps, 1.0)
+            torch._foreach_add_(steps, 1.0 if found_inf is None else 1.0 - (found_inf != 0).float())
             if self._resolve_impl(params[0].device) == "reference":
                 update, count_unclipped = _update, _count_unclipped
             else:

@@ -29,8 +29,11 @@ from tqdm import tqdm
 import configurator
 from checkpoint import (checkpoints, full_state_dicts, load_full_optimizer_state, load_latest_checkpoint,
                         remove_partial_saves, rng_state, save_checkpoint, set_rng_state)
-from dataset import Batches, check_token_file, open_tokens, prepare_dataset, windows
-from metrics import MetricsLog, init_wandb
+from lion_pytorch import Lion
+from lion_pytorch.lion_pytorch import update_fn as lion_update
+
+from dataset import Batches, check_token_file, eval_offsets, open_tokens, prepare_dataset, windows
+from metrics import MetricsLog, StepWindow, init_wandb
 from model import GPT, GPTConfig, peak_flops
 from runtime import (ROOT, StopRequests, UserError, autocast, exit_on_user_error, one_line, pick_device,
                      pick_dtype, set_grad_sync, shard_model, writable_dir)
@@ -206,8 +209,7 @@ def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Op
     if cfg.optimizer_name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if cfg.optimizer_name == "lion":
-        from lion_pytorch import Lion
-        return Lion(groups, lr=cfg.learning_rate, betas=betas)
+        return SkippableLion(groups, lr=cfg.learning_rate, betas=betas)
     cls = SophiaG if cfg.optimizer_name == "sophiag" else SophiaH
     impl = cfg.optimizer_impl
     if impl == "auto":  # compile=False asks for no compilation: of the update neither
@@ -217,9 +219,34 @@ def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Op
                clip=cfg.sophia_clip, sqrt_hessian=estimator_of(cfg) == "adahessian")
 
 
+class SkippableLion(Lion):
+    """lion_pytorch's Lion, whose update leaves p and m as they were where `found_inf` is set
+    (the protocol of torch's fused AdamW and of Sophia): a skipped step needs no host sync.
+    The update is lion_pytorch's own, run on copies, so an applied step is bitwise Lion's."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.update_fn = self._update
+
+    def _update(self, p, grad, exp_avg, lr, wd, beta1, beta2) -> None:
+        new_p, new_m = p.detach().clone(), exp_avg.clone()
+        lion_update(new_p, grad, new_m, lr, wd, beta1, beta2)
+        skip = getattr(self, "found_inf", torch.zeros((), device=p.device)) != 0
+        p.copy_(torch.where(skip, p, new_p))
+        exp_avg.copy_(torch.where(skip, exp_avg, new_m))
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer reads `found_inf` itself (no host sync to skip a step)."""
+    return (isinstance(optimizer, (Sophia, SkippableLion))
+            or isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused")))
+
+
 class HessianEstimator:
-    """Sophia's estimator pass: picks the step's first `hess_batch_size` sequences, calls
-    gnb_hessian or hutchinson_hessian (see ESTIMATORS), and folds the result into the optimizer."""
+    """Sophia's estimator pass: takes this rank's share of the step's first `hess_batch_size`
+    sequences, cut into equal chunks of at most batch_size sequences (one shape, so a compiled
+    model compiles it once), calls gnb_hessian or hutchinson_hessian (see ESTIMATORS), and
+    folds the result into the optimizer."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, eager_model: torch.nn.Module,
                  optimizer: Sophia, rank: int, world_size: int, autocast, loss_scale, device: str):
@@ -232,6 +259,9 @@ class HessianEstimator:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.autocast, self.loss_scale = autocast, loss_scale
         self.local_sequences = cfg.hess_batch_size // world_size
+        chunks = next(n for n in range(-(-self.local_sequences // cfg.batch_size), self.local_sequences + 1)
+                      if self.local_sequences % n == 0)
+        self.chunk = self.local_sequences // chunks
         # Same seed on every rank: the draws are shared and sliced (see the estimators).
         self.generator = torch.Generator(device=device if device.startswith("cuda") else "cpu")
         self.generator.manual_seed(cfg.seed + 7919)
@@ -250,12 +280,9 @@ class HessianEstimator:
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-        chunks, left = [], self.local_sequences
-        for x, y in batches:
-            if left <= 0:
-                break
-            chunks.append((x[:left], y[:left]))
-            left -= len(x)
+        needed = batches[:-(-self.local_sequences // len(batches[0][0]))]
+        x, y = (torch.cat(t)[:self.local_sequences] for t in zip(*needed))
+        chunks = list(zip(x.split(self.chunk), y.split(self.chunk)))
         scale = self.loss_scale()
         if self.method in SECOND_ORDER:
             h_hat = hutchinson_hessian(self.model, self.params, chunks, self.generator, self.autocast, scale)
@@ -279,19 +306,21 @@ class HessianEstimator:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                batches: list[tuple[torch.Tensor, torch.Tensor]], autocast, grad_clip: float
-               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; the same for every optimizer.
 
-    Returns (mean loss, gradient norm before clipping, whether the step was applied). A
-    step whose loss or gradient is not finite is skipped (GradScaler's rule, for every
-    dtype), so the parameters and the optimizer state (m, h) stay as they were; checking
-    costs one host sync per step, negligible beside the accumulation's micro-steps."""
+    Returns (mean loss, gradient norm before clipping, 1.0 if the step was applied else 0.0),
+    as device tensors: the step never waits for the device. A step whose loss or gradient
+    is not finite is skipped, so the parameters and the optimizer state (m, h, step counts)
+    stay as they were. The decision is taken on the device, the same on every rank (the
+    flag is all-reduced; NCCL enqueues that without blocking the host), and the optimizer
+    reads it as `found_inf` (fused AdamW, Lion here, Sophia). fp16's GradScaler, and an
+    optimizer that cannot read the flag (AdamW off CUDA and CPU), decide on the host."""
     total = torch.zeros((), device=batches[0][0].device)
     for i, (x, y) in enumerate(batches):
         set_grad_sync(model, i == len(batches) - 1)  # all-reduce only on the last micro-step
         with autocast:
-            _, loss = model(x, y)
-            loss = loss / len(batches)
+            loss = model(x, y)[1] / len(batches)  # [1]: the logits are not kept alive
         total += loss.detach()
         scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -299,30 +328,35 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if isinstance(norm, DTensor):  # FSDP2: the norm of the sharded gradient, reduced over ranks
         norm = norm.full_tensor()
-    applied = bool(torch.isfinite(norm) & torch.isfinite(total))
-    if applied:
-        scaler.step(optimizer)
+    found_inf = (~(torch.isfinite(norm) & torch.isfinite(total))).float()
+    if dist.is_initialized():
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    if scaler.is_enabled() or not skips_on_device(optimizer):
+        if not found_inf.item():
+            scaler.step(optimizer)
+    else:
+        optimizer.found_inf = found_inf
+        optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total, norm, applied
+    return total, norm, 1.0 - found_inf
 
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast, device: str,
                   rank: int, world_size: int) -> dict[str, float]:
-    """Mean loss over eval_iters batches of batch_size windows per split. The windows come
-    from a fixed seed, so every evaluation of every run, on any number of ranks, scores the
-    same windows: rank r scores batches r, r + world_size, ..., and the per-batch losses
-    are summed over ranks (each slot is filled by one rank, the others add 0). Every rank
-    runs the same number of forwards (FSDP2 all-gathers in each), the last ones scoring a
-    batch again with weight 0 when eval_iters is not a multiple of the world size."""
+    """Mean loss over eval_iters batches of batch_size windows per split. The windows depend on
+    the data alone (dataset.eval_offsets), so every evaluation of every run, whatever its seed,
+    optimizer or number of ranks, scores the same windows: rank r scores batches r,
+    r + world_size, ..., and the per-batch losses are summed over ranks (each slot is filled
+    by one rank, the others add 0). Every rank runs the same number of forwards (FSDP2
+    all-gathers in each), the last ones scoring a batch again with weight 0 when eval_iters
+    is not a multiple of the world size."""
     out = {}
     model.eval()
     for split in ("train", "val"):
         path = data_dir / f"{split}.bin"
-        ix = Batches(path, cfg.block_size, cfg.batch_size, cfg.seed + 1000, device).offsets(cfg.eval_iters,
-                                                                                             cfg.batch_size)
-        data = open_tokens(path)
+        ix, data = eval_offsets(path, cfg.block_size, cfg.eval_iters, cfg.batch_size), open_tokens(path)
         losses = torch.zeros(cfg.eval_iters, device=device)
         rounds = -(-cfg.eval_iters // world_size)
         # A transient bar (a terminal only, rank 0): logs keep one line per evaluation.
@@ -330,7 +364,7 @@ def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast,
                       disable=rank != 0 or not sys.stderr.isatty()):
             x, y = windows(data, ix[k % cfg.eval_iters].tolist(), cfg.block_size, device)
             with autocast:
-                _, loss = model(x, y)
+                loss = model(x, y)[1]
             if k < cfg.eval_iters:
                 losses[k] = loss
         if dist.is_initialized():
@@ -376,15 +410,46 @@ class Trainer:
     def master(self) -> bool:
         return self.rank == 0
 
-    def generators(self) -> dict[str, torch.Generator]:
-        """The RNGs alike on every rank, so they continue exactly on any world size."""
-        gens = {"data": self.batches.generator}
+    def mfu_tokens_per_iter(self) -> float:
+        """Tokens per step that MFU counts at the model's training FLOPs each: the step's, and
+        the estimator's averaged over hess_interval (GNB is a forward and backward: one token
+        each; Hutchinson's double backward about twice that)."""
+        cfg = self.cfg
+        tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        if self.estimator is None:
+            return tokens
+        factor = 2 if self.estimator.method in SECOND_ORDER else 1
+        return tokens + factor * cfg.hess_batch_size * cfg.block_size / cfg.hess_interval
+
+    def generators(self) -> dict:
+        """The RNGs alike on every rank, so they continue exactly on any world size (the data
+        sampler stands in for its generator: its state is the position before a prefetch)."""
+        gens = {"data": self.batches}
         if self.estimator is not None:
             gens["estimator"] = self.estimator.generator
         return gens
 
+    def finite(self) -> bool:
+        """Whether the weights and the optimizer state are all finite, on every rank (one pass
+        over them and one host sync: checkpoint steps only)."""
+        tensors = [p for p in self.eager_model.parameters()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        ok = torch.stack([torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all() for t in tensors]).all().float()
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
     def save(self) -> None:
-        """Write a checkpoint of the run as it stands. A collective under DDP and FSDP2: every rank calls it."""
+        """Write a checkpoint of the run as it stands, unless the weights or the optimizer state
+        have stopped being finite: then the last finite checkpoint stays the latest, and the run
+        stops with UserError. A collective under DDP and FSDP2: every rank calls it."""
+        if not self.finite():
+            kept = checkpoints(self.out_dir)
+            raise UserError(f"the weights or the optimizer state are no longer finite at step {self.progress.iter_num}: "
+                            f"the run diverged, nothing was saved (the latest checkpoint, "
+                            f"{kept[-1].name if kept else 'none'}, is the last finite one); lower --learning_rate "
+                            f"or lengthen --warmup_iters" + (", then continue with --init_from=resume" if kept else ""))
         rngs = [rng_state(self.generators())]
         if self.distributed:
             rngs = [None] * self.world_size
@@ -515,7 +580,8 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
                                      scaler.get_scale if scaler.is_enabled() else (lambda: 1.0), dev)
     trainer = Trainer(cfg, rank, world_size, distributed, sharded, dev, out_dir, data_dir, meta, model_args, model,
                       eager_model, optimizer, scaler, mixed,
-                      Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, cfg.seed, dev), estimator,
+                      Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, cfg.seed, dev,
+                              cfg.gradient_accumulation_steps // world_size, rank, world_size), estimator,
                       progress)
     if checkpoint is not None:
         saved_rngs = checkpoint["rng"]
@@ -553,10 +619,10 @@ def evaluate(t: Trainer, log: MetricsLog | None) -> tuple[dict, bool]:
 
 def train(t: Trainer) -> dict:
     """The loop: evaluate every eval_interval steps, one Hessian estimate every hess_interval
-    steps (Sophia), one train_step per step, a log line every log_interval steps. Returns the
-    last evaluation's record."""
+    steps (Sophia), one train_step per step, a log line every log_interval steps. Only
+    evaluation, logging and checkpoint steps wait for the device. Returns the last
+    evaluation's record."""
     cfg, p = t.cfg, t.progress
-    local_accum = cfg.gradient_accumulation_steps // t.world_size
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     log = None
     if t.master:
@@ -564,9 +630,8 @@ def train(t: Trainer) -> dict:
         wandb_run = init_wandb(cfg.wandb_project, cfg.wandb_run_name, dict(cfg), t.out_dir) if cfg.wandb_log else None
         log = MetricsLog(t.out_dir, wandb_run)
     stop = StopRequests()
+    window = StepWindow(t.device, cfg.grad_clip)
     last_eval, start_iter = {}, p.iter_num
-    loss_sum, clip_count = torch.zeros((), device=t.device), torch.zeros((), device=t.device)
-    steps_since_log = applied_since_log = bad_in_a_row = skipped_total = 0
     t_log = time.perf_counter()
     try:
         while True:
@@ -579,48 +644,28 @@ def train(t: Trainer) -> dict:
             if p.iter_num >= cfg.max_iters or cfg.eval_only:
                 break
 
-            # --- the step
+            # --- the step (the next step's batches are read while the device works on this one)
             lr = get_lr(cfg, p.iter_num)
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
-            step_batches = t.batches.step(local_accum, t.rank, t.world_size)
+            step_batches = t.batches.next()
             if t.estimator is not None and p.iter_num % cfg.hess_interval == 0:
                 t.estimator(step_batches)
-            loss, norm, applied = train_step(t.model, t.optimizer, t.scaler, step_batches, t.autocast, cfg.grad_clip)
+            window.add(*train_step(t.model, t.optimizer, t.scaler, step_batches, t.autocast, cfg.grad_clip))
+            t.batches.prefetch()
             p.iter_num += 1
             p.tokens += tokens_per_iter
-            steps_since_log += 1
-
-            # --- non-finite steps
-            if applied:
-                bad_in_a_row = 0
-                applied_since_log += 1
-                loss_sum += loss
-                if cfg.grad_clip > 0:
-                    clip_count += (norm > cfg.grad_clip).float()
-            else:
-                bad_in_a_row += 1
-                skipped_total += 1
-                if t.master:
-                    print(f"iter {p.iter_num}: non-finite loss or gradient, step skipped ({bad_in_a_row} in a row)")
-                    log({"kind": "skipped", "iter": p.iter_num, "in_a_row": bad_in_a_row})
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    t.save()
-                    raise UserError(f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (up to step "
-                                    f"{p.iter_num}); saved the last good weights as step {p.iter_num} in {t.out_dir}. "
-                                    f"Lower --learning_rate or check the data, then continue with --init_from=resume")
 
             # --- logging: the loop's one regular host sync
             if p.iter_num % cfg.log_interval == 0 or p.iter_num == cfg.max_iters:
-                if t.distributed:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                lossf = loss_sum.item() / max(1, applied_since_log)
-                dt = (time.perf_counter() - t_log) / steps_since_log
-                record = {"kind": "train", "iter": p.iter_num, "tokens": p.tokens, "loss": lossf, "lr": lr,
-                          "time_ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "grad_norm": norm.item(),
-                          "clip_frac": clip_count.item() / max(1, applied_since_log), "skipped_steps": skipped_total}
-                line = f"iter {p.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms"
-                mfu = t.eager_model.estimate_mfu(tokens_per_iter // t.world_size, dt, t.device)
+                w = window.close(p.iter_num, t.distributed)
+                dt = (time.perf_counter() - t_log) / w["steps"]
+                record = {"kind": "train", "iter": p.iter_num, "tokens": p.tokens, "loss": w["loss"], "lr": lr,
+                          "time_ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "grad_norm": w["grad_norm"],
+                          "clip_frac": w["clip_frac"], "skipped_steps": window.skipped_total}
+                line = (f"iter {p.iter_num}: loss " + (f"{w['loss']:.4f}" if w["loss"] is not None else
+                        f"n/a (all {w['steps']} steps skipped)") + f", time {dt * 1000:.2f}ms")
+                mfu = t.eager_model.estimate_mfu(t.mfu_tokens_per_iter() / t.world_size, dt, t.device)
                 if mfu is not None:
                     record["mfu"] = mfu
                     line += f", mfu {mfu * 100:.2f}%"
@@ -631,16 +676,22 @@ def train(t: Trainer) -> dict:
                     stats = t.optimizer.stats()
                     if math.isnan(stats["win_rate"]):  # no step counted since the last line (stats_every)
                         del stats["win_rate"]
-                    record.update(stats, estimator_ms=t.estimator.take_seconds() * 1000 / steps_since_log)
+                    record.update(stats, estimator_ms=t.estimator.take_seconds() * 1000 / w["steps"])
                     if "win_rate" in stats:
                         line += f", win {stats['win_rate']:.3f}"
                     line += f", |h| {stats['hessian_norm']:.3g}"
                 if t.master:
+                    for it, in_a_row in w["skipped"]:
+                        print(f"iter {it}: non-finite loss or gradient, step skipped ({in_a_row} in a row)")
+                        log({"kind": "skipped", "iter": it, "in_a_row": in_a_row})
                     print(line)
                     log(record)
-                loss_sum.zero_()
-                clip_count.zero_()
-                steps_since_log = applied_since_log = 0
+                if window.bad_in_a_row >= cfg.max_bad_steps:
+                    t.save()  # refuses (and says so) if the weights themselves are no longer finite
+                    raise UserError(f"{window.bad_in_a_row} consecutive steps had a non-finite loss or gradient "
+                                    f"(up to step {p.iter_num}); saved the last good weights as step {p.iter_num} "
+                                    f"in {t.out_dir}. Lower --learning_rate or check the data, then continue with "
+                                    f"--init_from=resume")
                 t_log = time.perf_counter()
 
             # --- preemption: every step alone; under torchrun on log steps, where the loop syncs anyway

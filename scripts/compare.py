@@ -38,17 +38,32 @@ Speed-up: the steps an optimizer needs, at its best LR (validation curve average
 seeds, linear interpolation between evaluations), to reach the tuned baseline's final
 validation loss; the ratio is T / those steps ("2.0x" is the paper's claim for Sophia at T/2).
 
+Significance (--alpha, default 0.05), per group against the baseline, both at their best LR,
+over the seeds' final val losses (n = the seeds of each side; n = 1 on a side: no test):
+"lower than the baseline" is a one-sided Welch t-test of H1: the group's mean final val loss <
+the baseline's; "reaches the target" is a one-sided one-sample t-test of H1: the group's mean
+final val loss < the target (the baseline's mean, taken as exact, as the speed-up takes it),
+which ignores the baseline's own seed noise and so is the less strict of the two. Each test is
+at alpha on its own (no correction for several groups), and the best LR is picked on the same
+runs. Per seed, the steps its own val curve needs to reach the target are reported too.
+
 Writes into --results_dir (default: runs_dir; several comparisons can share one runs_dir and
 so reuse each other's finished runs): results.md (tables), the plots of
 scripts/plot_compare.py, and
-results.json = {baseline, T, seeds, lr_grid, train_args, target_val_loss, groups: [one per
+results.json = {baseline, T, seeds, lr_grid, alpha, train_args, target_val_loss, groups: [one per
 optimizer or variant and budget: {label, optimizer, overrides, fraction, steps, config, warmup_iters, min_lr_ratio,
 best_lr, best_at_edge, val_loss_mean, val_loss_std (final val loss at the best LR over
 seeds; null if every LR had a failed run), steps_to_target, speedup (null: not reached),
 lrs: [{lr, val_loss_mean, val_loss_std, runs: [{seed, out_dir, val_loss, state}]}],
 curve: {iters, val_loss, val_loss_min, val_loss_max}, train_stats: {iters, clip_frac,
 loss, and for Sophia win_rate, hessian_norm} (means over seeds at the best LR),
-clip_frac_overall}]}.
+clip_frac_overall, per_seed: [{seed, val_loss, steps_to_target}] (at the best LR; [] if none),
+vs_baseline: {test, n, n_baseline, diff_mean (group - baseline), diff_std_err (null: n = 1),
+diff_upper_bound (one-sided 1 - alpha confidence bound), t, df, p_one_sided, significant,
+no_test (why there is none, else null; then diff_upper_bound ... significant are null)},
+reaches_target: {test, target, n, seeds_reaching (seeds whose own curve reaches the target),
+diff_mean (group - target), diff_std_err, diff_upper_bound, t, df, p_one_sided, significant,
+no_test} (both null for the baseline and for a group or baseline without a finished LR)}]}.
 """
 
 import argparse
@@ -140,6 +155,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--lrs", action="append", default=[], metavar="OPT=LR,LR,...",
                    help="explicit peak LRs for one optimizer (repeatable); as many as the grid")
     p.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="significance level of the one-sided tests against the baseline (default 0.05)")
     p.add_argument("--warmup_iters", type=int,
                    help="warmup steps of every run (default: the config's warmup fraction of T)")
     p.add_argument("--config_for", action="append", default=[], metavar="OPT=FILE",
@@ -153,6 +170,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     check_overrides(extra, "expected a runner option (see --help) or a train.py override --key=value")
     if args.jobs < 1 or args.threads < 1:
         raise UserError("--jobs and --threads must be at least 1")
+    if not 0 < args.alpha < 0.5:
+        raise UserError(f"--alpha={args.alpha:g}: a one-sided significance level needs 0 < alpha < 0.5")
     return args, extra
 
 
@@ -449,6 +468,106 @@ def final_val_loss(run: Run) -> float:
     return float(last[0]) if last else math.nan
 
 
+def run_steps_to_target(run: Run, target: float) -> float | None:
+    """steps_to_reach on one run's own validation curve."""
+    evals, _ = read_metrics(run.out_dir / "metrics.jsonl")
+    return steps_to_reach([e["iter"] for e in evals], [e["val_loss"] for e in evals], target)
+
+
+# ----------------------------------------------------------------------------- significance
+# Student's t distribution from the regularized incomplete beta function (scipy is not a
+# dependency): P(T <= t) = I_x(df/2, 1/2) / 2 with x = df / (df + t^2), for t < 0.
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of I_x(a, b) (modified Lentz; Numerical Recipes, Sec. 6.4)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + aa * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
+
+
+def _beta_inc(a: float, b: float, x: float, y: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), with y = 1 - x passed exactly."""
+    if x <= 0 or y <= 0:
+        return 0.0 if x <= 0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
+    if x < (a + 1) / (a + b + 2):  # where the fraction converges fast; else use I_x(a, b) = 1 - I_y(b, a)
+        return front * _beta_fraction(a, b, x) / a
+    return 1 - front * _beta_fraction(b, a, y) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df (> 0, not necessarily whole) degrees of freedom."""
+    if math.isinf(t):
+        return 0.0 if t < 0 else 1.0
+    tail = _beta_inc(df / 2, 0.5, df / (df + t * t), t * t / (df + t * t)) / 2
+    return tail if t < 0 else 1 - tail
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The t with t_cdf(t, df) = q (0 < q < 1), by bisection."""
+    lo, hi = -1.0, 1.0
+    while t_cdf(lo, df) > q:
+        lo *= 2
+    while t_cdf(hi, df) < q:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def one_sided_t_test(fields: dict, diff: float, std_err: float | None, df: float, alpha: float) -> dict:
+    """`fields` completed with the one-sided t-test of H1: the true difference < 0, given its
+    estimate, standard error (None: a side has one seed) and degrees of freedom, and the
+    difference's one-sided 1 - alpha upper confidence bound. One seed or no spread: no test."""
+    out = {**fields, "diff_mean": diff, "diff_std_err": std_err, "diff_upper_bound": None, "t": None, "df": None,
+           "p_one_sided": None, "significant": None, "no_test": None}
+    if std_err is None:
+        return {**out, "no_test": "n = 1: no test"}
+    if std_err == 0:
+        return {**out, "no_test": "no spread across seeds: no test"}
+    p = t_cdf(diff / std_err, df)
+    return {**out, "diff_upper_bound": diff + t_quantile(1 - alpha, df) * std_err, "t": diff / std_err, "df": df,
+            "p_one_sided": p, "significant": p < alpha}
+
+
+def welch_test(losses: list[float], baseline: list[float], alpha: float) -> dict:
+    """Is the group's mean final loss lower than the baseline's? Welch's t-test: unequal
+    variances, Welch-Satterthwaite degrees of freedom."""
+    n, nb = len(losses), len(baseline)
+    fields = {"test": "Welch's t-test, one-sided (H1: mean final val loss < the baseline's)", "n": n,
+              "n_baseline": nb}
+    diff = statistics.fmean(losses) - statistics.fmean(baseline)
+    if min(n, nb) < 2:
+        return one_sided_t_test(fields, diff, None, 0.0, alpha)
+    v, vb = statistics.variance(losses) / n, statistics.variance(baseline) / nb
+    df = (v + vb) ** 2 / (v * v / (n - 1) + vb * vb / (nb - 1)) if v + vb > 0 else 0.0
+    return one_sided_t_test(fields, diff, math.sqrt(v + vb), df, alpha)
+
+
+def target_test(losses: list[float], target: float, seeds_reaching: int, alpha: float) -> dict:
+    """Does the group's mean final loss reach the target, a fixed number? One-sample t-test."""
+    n = len(losses)
+    fields = {"test": "one-sample t-test, one-sided (H1: mean final val loss < the target, taken as exact)",
+              "target": target, "n": n, "seeds_reaching": seeds_reaching}
+    diff = statistics.fmean(losses) - target
+    if n < 2:
+        return one_sided_t_test(fields, diff, None, 0.0, alpha)
+    return one_sided_t_test(fields, diff, statistics.stdev(losses) / math.sqrt(n), n - 1, alpha)
+
+
 def seed_mean_series(series: list[list[dict]], keys: tuple[str, ...]) -> dict[str, list[float]]:
     """Records of several seeds averaged per iter (iters all seeds have), per key present."""
     common = set.intersection(*({r["iter"] for r in records} for records in series))
@@ -484,7 +603,7 @@ def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args
               overrides: list[str]) -> dict:
     """results.json's content: per group every LR's losses, the best LR, its curves and the speed-up."""
     runs_dir = Path(args.runs_dir)
-    out_groups = []
+    out_groups, at_best = [], []
     for group in groups:
         lr_rows, best = [], None
         for lr in group.lrs:
@@ -507,6 +626,7 @@ def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args
             row.update(best_lr=lr, val_loss_mean=mean, val_loss_std=std,
                        best_at_edge=len(group.lrs) > 1 and lr in (min(group.lrs), max(group.lrs)), **curves(best_runs))
         out_groups.append(row)
+        at_best.append(best[3] if best is not None else [])
 
     baseline = out_groups[0]
     target = baseline["val_loss_mean"]
@@ -516,9 +636,20 @@ def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args
             steps = steps_to_reach(row["curve"]["iters"], row["curve"]["val_loss"], target)
         row["steps_to_target"] = steps
         row["speedup"] = baseline["steps"] / steps if steps else None
+    for row, best_runs in zip(out_groups, at_best):
+        row["per_seed"] = [{"seed": r.seed, "val_loss": final_val_loss(r),
+                            "steps_to_target": None if target is None else run_steps_to_target(r, target)}
+                           for r in best_runs]
+    baseline_losses = [s["val_loss"] for s in baseline["per_seed"]]
+    for i, row in enumerate(out_groups):
+        losses = [s["val_loss"] for s in row["per_seed"]]
+        tested = i > 0 and bool(losses) and bool(baseline_losses)
+        reaching = sum(s["steps_to_target"] is not None for s in row["per_seed"])
+        row["vs_baseline"] = welch_test(losses, baseline_losses, args.alpha) if tested else None
+        row["reaches_target"] = target_test(losses, target, reaching, args.alpha) if tested else None
     return {"baseline": baseline["label"], "T": baseline["steps"], "seeds": comma_list(args.seeds, int, "--seeds"),
-            "lr_grid": comma_list(args.lr_grid, float, "--lr_grid"), "train_args": [args.config, *overrides],
-            "target_val_loss": target, "groups": out_groups}
+            "lr_grid": comma_list(args.lr_grid, float, "--lr_grid"), "alpha": args.alpha,
+            "train_args": [args.config, *overrides], "target_val_loss": target, "groups": out_groups}
 
 
 def fmt_loss(mean: float | None, std: float | None) -> str:
@@ -535,8 +666,86 @@ def fmt_speedup(row: dict) -> tuple[str, str]:
     return f"{row['steps_to_target']:.1f}", speedup
 
 
+def fmt_verdict(test: dict) -> str:
+    """A test's table cell: its p-value and verdict, or why there is none."""
+    if test["no_test"]:
+        return test["no_test"]
+    return f"{test['p_one_sided']:.3g}, " + ("significant" if test["significant"] else "not significant")
+
+
+def verdict_words(test: dict, statistic: str, alpha: float) -> str:
+    """A test's verdict in words with its numbers, or why there is none."""
+    if test["no_test"]:
+        return f"{test['no_test']} (Δ = {test['diff_mean']:+.4f})"
+    sig = test["significant"]
+    return (f"{'**significant**' if sig else 'not significant'} (Δ = {test['diff_mean']:+.4f} ± "
+            f"{test['diff_std_err']:.4f} s.e., one-sided {100 * (1 - alpha):g}% upper bound "
+            f"{test['diff_upper_bound']:+.4f}; {statistic} t = {test['t']:.2f}, df = {test['df']:.3g}, "
+            f"p = {test['p_one_sided']:.3g} {'<' if sig else '≥'} {alpha:g})")
+
+
+def significance_lines(results: dict) -> list[str]:
+    """results.md's significance section: the tests against the baseline in a table and in words."""
+    alpha, groups = results["alpha"], results["groups"]
+    base = groups[0]
+    lines = ["", "## Significance", ""]
+    if not base["per_seed"]:
+        return lines + [f"No test: the baseline {base['label']} has no LR at which every seed finished."]
+    k = len(groups) - 1
+    lines += [
+        (f"Each optimizer at its best LR against the baseline **{base['label']}** at T = {base['steps']} steps, over "
+         f"the seeds' final val losses (n = the seeds of each side); each test is one-sided at α = {alpha:g} on its "
+         "own" + (f" (for {k} comparisons together, Bonferroni's level is α/{k} = {alpha / k:.3g})" if k > 1 else "")
+         + ". *Lower than the baseline*: Welch's t-test (unequal variances, Welch-Satterthwaite df) of H1: the "
+         "optimizer's mean final val loss < the baseline's; Δ = optimizer − baseline, with its one-sided "
+         f"{100 * (1 - alpha):g}% upper confidence bound. *Reaches the target*: one-sample t-test of H1: the "
+         f"optimizer's mean final val loss < the target {results['target_val_loss']:.4f}, the baseline's mean taken "
+         "as exact (as the speed-up takes it); it ignores the baseline's seed-to-seed spread, so it is the less "
+         "strict of the two. The best LRs are picked on these same runs. With n = 1 on a side there is no test."),
+        "",
+        f"| optimizer | steps | n | final val loss (mean ± std) | Δ vs {base['label']} (upper bound) | "
+        f"lower than {base['label']}: p | reaches target: p | seeds reaching target |",
+        "|---|---:|---:|---|---:|---|---|---:|",
+    ]
+    for row in groups:
+        n = len(row["per_seed"])
+        reaching = f"{sum(s['steps_to_target'] is not None for s in row['per_seed'])} of {n}" if n else "—"
+        test, target = row["vs_baseline"], row["reaches_target"]
+        if test is None:
+            name = f"{row['label']} (baseline)" if row is base else row["label"]
+            diff_cell = test_cell = target_cell = "—"
+        else:
+            name, test_cell, target_cell = row["label"], fmt_verdict(test), fmt_verdict(target)
+            bound = "" if test["diff_upper_bound"] is None else f" ({test['diff_upper_bound']:+.4f})"
+            diff_cell = f"{test['diff_mean']:+.4f}{bound}"
+        lines.append(f"| {name} | {row['steps']} | {n} | {fmt_loss(row['val_loss_mean'], row['val_loss_std'])} | "
+                     f"{diff_cell} | {test_cell} | {target_cell} | {reaching} |")
+    lines += ["", "Per seed, at the best LR: final val loss (steps its own val curve needs to reach the target).", "",
+              "| optimizer | steps | best LR | per seed |", "|---|---:|---:|---|"]
+    for row in groups:
+        seeds = ", ".join(f"s{s['seed']}: {s['val_loss']:.4f} ("
+                          + ("not reached" if s["steps_to_target"] is None else f"{s['steps_to_target']:.1f}") + ")"
+                          for s in row["per_seed"])
+        best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}"
+        lines.append(f"| {row['label']} | {row['steps']} | {best} | {seeds or 'failed'} |")
+    lines += ["", "In words:", ""]
+    for row in groups[1:]:
+        head = f"- **{row['label']}** at {row['steps']} steps ({row['fraction']:g}T)"
+        if row["vs_baseline"] is None:
+            lines.append(f"{head}: no LR at which every seed finished: no test.")
+            continue
+        n = len(row["per_seed"])
+        target = row["reaches_target"]
+        lines.append(
+            f"{head}, n = {n}, vs **{base['label']}** at {base['steps']} steps, n = {len(base['per_seed'])}. "
+            f"Lower final val loss than {base['label']}: {verdict_words(row['vs_baseline'], 'Welch', alpha)}. "
+            f"Reaches the target {target['target']:.4f}: {verdict_words(target, 'one-sample', alpha)}; "
+            f"{target['seeds_reaching']} of {n} seeds reach it within {row['steps']} steps.")
+    return lines
+
+
 def markdown(results: dict, plots: list[Path]) -> str:
-    """results.md: the summary table, every LR's losses and the plots."""
+    """results.md: the summary table, the tests against the baseline, every LR's losses and the plots."""
     seeds = ", ".join(map(str, results["seeds"]))
     target = "—" if results["target_val_loss"] is None else f"{results['target_val_loss']:.4f}"
     lines = [
@@ -564,6 +773,7 @@ def markdown(results: dict, plots: list[Path]) -> str:
     if variants:
         lines += ["", "Variants: " + "; ".join(f"{row['label']} = {shlex.join([row['optimizer'], *row['overrides']])}"
                                                 for row in variants) + "."]
+    lines += significance_lines(results)
     lines += [
         "", "## Every learning rate", "",
         "| optimizer | steps | LR | final val loss (mean ± std) | per seed |", "|---|---:|---:|---|---|",

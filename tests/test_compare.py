@@ -8,6 +8,7 @@ steps; everything else works on synthetic metrics, so the file takes well under 
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -21,7 +22,8 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--eval_interval=5", "--log_interval=5", "--hess_batch_size=2", "--hess_interval=2"]
 PLOTS = ("val_loss.png", "lr_sweep.png", "sophia_stats.png", "grad_clip.png")
 GROUP_FIELDS = {"optimizer", "fraction", "steps", "config", "warmup_iters", "best_lr", "best_at_edge",
-                "val_loss_mean", "val_loss_std", "lrs", "steps_to_target", "speedup"}
+                "val_loss_mean", "val_loss_std", "lrs", "steps_to_target", "speedup", "per_seed", "vs_baseline",
+                "reaches_target"}
 
 
 def group(results: dict, optimizer: str) -> dict:
@@ -90,6 +92,11 @@ def test_speedup_and_best_lr_on_synthetic_metrics(tmp_path, capsys):
     assert lion["best_lr"] == 1e-4 and lion["steps_to_target"] is None and lion["speedup"] is None
     assert sophiag["curve"]["val_loss"] == pytest.approx([4.0, 2.0])
     assert sophiag["train_stats"]["win_rate"] == pytest.approx([0.3])
+    # Per seed at the best LR, each on its own curve: 4.0 -> 1.9 reaches 2.1 at 5 * 1.9 / 2.1 steps.
+    assert [(s["seed"], s["val_loss"]) for s in sophiag["per_seed"]] == [(1, 1.9), (2, 2.1)]
+    assert [s["steps_to_target"] for s in sophiag["per_seed"]] == pytest.approx([5 * 1.9 / 2.1, 5.0])
+    assert [s["steps_to_target"] for s in adamw["per_seed"]] == [pytest.approx(9.5), None]
+    assert adamw["vs_baseline"] is None and adamw["reaches_target"] is None
 
     md = (runs_dir / "results.md").read_text()
     assert "| sophiag | 5 | 0.001 * | 2.0000 ± 0.1414 | 4.8 | 2.11x |" in md
@@ -173,6 +180,148 @@ def test_ablations_refuse_bad_arguments_before_running(tmp_path, capsys, extra, 
     assert not (tmp_path / "runs").exists()
 
 
+# ----------------------------------------------------------------------------- significance
+
+def test_t_distribution_matches_tables_and_closed_forms():
+    cdf = compare.t_cdf
+    # One-sided 5% and 2.5% critical values of t tables.
+    for t, df, p in ((2.131847, 4, 0.05), (1.833113, 9, 0.05), (4.302653, 2, 0.025), (1.644854, 1e7, 0.05)):
+        assert cdf(-t, df) == pytest.approx(p, abs=1e-6) and cdf(t, df) == pytest.approx(1 - p, abs=1e-6)
+        assert compare.t_quantile(1 - p, df) == pytest.approx(t, abs=1e-5)
+        assert compare.t_quantile(p, df) == pytest.approx(-t, abs=1e-5)
+    for t in (-300.0, -3.0, -0.5, 0.0, 0.7, 12.0):
+        assert cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, rel=1e-10)  # Cauchy
+        assert cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), rel=1e-10)
+        for df in (1, 2.6, 9, 100):
+            assert cdf(t, df) + cdf(-t, df) == pytest.approx(1.0, abs=1e-12)
+    assert cdf(0.0, 3.3) == 0.5 and cdf(-math.inf, 3) == 0.0 and cdf(math.inf, 3) == 1.0
+    # A fractional df (Welch's) lies between its neighbours: fewer degrees of freedom, heavier tails.
+    assert cdf(-3.0, 2) > cdf(-3.0, 2.5) > cdf(-3.0, 3)
+    assert cdf(-3.0, 2.5) == pytest.approx(0.0362880478, rel=1e-7)  # scipy.stats.t.cdf(-3, 2.5)
+    assert compare.t_quantile(cdf(-1.3, 3.7), 3.7) == pytest.approx(-1.3, abs=1e-9)
+
+
+def test_welch_and_one_sample_tests_by_hand():
+    # [1, 2, 3] vs [4, 5, 6]: difference -3, variances 1, s.e. sqrt(1/3 + 1/3), df 4.
+    r = compare.welch_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 0.05)
+    assert r["n"] == r["n_baseline"] == 3 and r["diff_mean"] == -3.0 and r["df"] == pytest.approx(4.0)
+    assert r["diff_std_err"] == pytest.approx(math.sqrt(2 / 3)) and r["t"] == pytest.approx(-3.6742346)
+    assert r["p_one_sided"] == pytest.approx(0.0106558206, rel=1e-6) and r["significant"] and r["no_test"] is None
+    assert r["diff_upper_bound"] == pytest.approx(-3 + 2.1318468 * math.sqrt(2 / 3))
+    # The other way round: the same t, positive, is no evidence of a lower loss.
+    r = compare.welch_test([4.0, 5.0, 6.0], [1.0, 2.0, 3.0], 0.05)
+    assert r["p_one_sided"] == pytest.approx(1 - 0.0106558206) and r["significant"] is False
+    # Unequal variances 2 and 16: df = (2/2 + 16/3)^2 / ((2/2)^2 / 1 + (16/3)^2 / 2) = 2.635.
+    r = compare.welch_test([1.0, 3.0], [0.0, 4.0, 8.0], 0.05)
+    assert r["df"] == pytest.approx(2.6350365) and r["t"] == pytest.approx(-0.7947194)
+    assert r["p_one_sided"] == pytest.approx(0.2460443591, rel=1e-6) and r["significant"] is False
+    for losses, baseline in (([1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0], [3.0])):
+        r = compare.welch_test(losses, baseline, 0.05)
+        assert r["no_test"] == "n = 1: no test" and r["diff_mean"] is not None
+        assert r["diff_std_err"] is r["p_one_sided"] is r["significant"] is r["t"] is None
+    assert compare.welch_test([2.0, 2.0], [3.0, 3.0], 0.05)["no_test"] == "no spread across seeds: no test"
+
+    # One sample [1, 2, 3] against 4: t = -2 / (1 / sqrt 3), df 2, p = 1/2 + t / (2 sqrt(2 + t^2)).
+    r = compare.target_test([1.0, 2.0, 3.0], 4.0, 3, 0.05)
+    t = -2 * math.sqrt(3)
+    assert (r["target"], r["n"], r["seeds_reaching"], r["df"]) == (4.0, 3, 3, 2) and r["t"] == pytest.approx(t)
+    assert r["p_one_sided"] == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t))) and r["significant"]
+    assert compare.target_test([2.0], 2.5, 1, 0.05)["no_test"] == "n = 1: no test"
+
+
+def test_significance_on_synthetic_metrics(tmp_path):
+    """Three seeds each at one LR. The baseline adamw ends at 2.10, 2.12, 2.11 (the target
+    2.11); Sophia-G at T/2 is clearly better, Sophia-H at T/2 a little (Welch p = 0.021), Lion
+    is as good but noisy. The p-values are scipy.stats' ttest_ind(equal_var=False) and
+    ttest_1samp, alternative='less'."""
+    runs_dir = tmp_path / "runs"
+    finals = {"adamw": [2.10, 2.12, 2.11], "sophiag": [2.00, 2.01, 2.02], "sophiah": [2.06, 2.09, 2.08],
+              "lion": [2.00, 2.22, 2.12]}
+    argv = [BASE, "--optimizers", "adamw,sophiag,sophiah,lion", "--steps", "10", "--lr_grid", "1", "--seeds",
+            "1,2,3", "--runs_dir", str(runs_dir), "--hess_batch_size=6"]
+    for run in compare.plan(*compare.parse_args(argv))[1]:
+        write_metrics(run.out_dir, {0: 4.0, run.group.steps: finals[run.group.optimizer][run.seed - 1]})
+
+    results = compare.main(argv)
+    assert results["alpha"] == 0.05
+    adamw, sophiag, sophiah, lion = (group(results, name) for name in finals)
+    assert adamw["vs_baseline"] is None
+    # Seed 1 of Sophia-G: 4.0 at step 0 to 2.00 at step 5 crosses 2.11 at 5 * 1.89 / 2.
+    assert sophiag["per_seed"][0] == {"seed": 1, "val_loss": 2.0, "steps_to_target": pytest.approx(4.725)}
+    expected = {"sophiag": (1.276083747e-4, True, 1.658379361e-3, True, 3),
+                "sophiah": (0.02095725874, True, 0.03170709421, True, 3),
+                "lion": (0.5184769229, False, 0.5185185185, False, 1)}
+    for row in (sophiag, sophiah, lion):
+        p, significant, p_target, target_significant, reaching = expected[row["label"]]
+        welch, target = row["vs_baseline"], row["reaches_target"]
+        assert (welch["n"], welch["n_baseline"], target["n"]) == (3, 3, 3)
+        assert welch["p_one_sided"] == pytest.approx(p, rel=1e-6) and welch["significant"] is significant
+        assert target["p_one_sided"] == pytest.approx(p_target, rel=1e-6)
+        assert target["significant"] is target_significant and target["seeds_reaching"] == reaching
+        assert welch["diff_mean"] == pytest.approx(statistics.fmean(finals[row["label"]]) - 2.11)
+
+    md = (runs_dir / "results.md").read_text()
+    section = md.split("## Significance")[1].split("## Every")[0]
+    assert "one-sided at α = 0.05" in section and "Bonferroni's level is α/3 = 0.0167" in section
+    assert "| adamw (baseline) | 10 | 3 | 2.1100 ± 0.0100 | — | — | — |" in section
+    assert ("| sophiag | 5 | 3 | 2.0100 ± 0.0100 | -0.1000 (-0.0826) | 0.000128, significant | 0.00166, "
+            "significant | 3 of 3 |") in section
+    assert "| lion | 10 | 3 | 2.1133 ± 0.1102 | +0.0033 (+0.1878) | 0.518, not significant |" in section
+    per_seed = "s1: 2.0000 (4.7), s2: 2.0100 (4.7), s3: 2.0200 (4.8)"  # final loss (steps to target)
+    assert f"| sophiag | 5 | {sophiag['best_lr']:.3g} | {per_seed} |" in section
+    words = {line.split("**")[1]: line for line in section.splitlines() if line.startswith("- **")}
+    assert words["sophiag"].startswith("- **sophiag** at 5 steps (0.5T), n = 3, vs **adamw** at 10 steps, n = 3. "
+                                       "Lower final val loss than adamw: **significant** (Δ = -0.1000 ± 0.0082 s.e.")
+    assert "Welch t = -12.25, df = 4, p = 0.000128 < 0.05)" in words["sophiag"]
+    assert "Reaches the target 2.1100: **significant**" in words["sophiag"]
+    assert "p = 0.021 < 0.05)" in words["sophiah"]
+    assert "Lower final val loss than adamw: not significant (" in words["lion"]
+    assert "p = 0.518 ≥ 0.05)" in words["lion"]
+    assert "Reaches the target 2.1100: not significant (" in words["lion"] and "1 of 3 seeds reach it" in words["lion"]
+
+    # A stricter level: Sophia-H's difference is no longer significant, Sophia-G's still is.
+    strict = compare.main(argv + ["--alpha", "0.01", "--results_dir", str(tmp_path / "strict")])
+    assert group(strict, "sophiah")["vs_baseline"]["significant"] is False
+    assert group(strict, "sophiag")["vs_baseline"]["significant"] is True
+    assert "p = 0.021 ≥ 0.01)" in (tmp_path / "strict" / "results.md").read_text()
+
+    # One seed (the same runs): no test, and the output says so rather than print a p-value.
+    one = compare.main([a if a != "1,2,3" else "1" for a in argv] + ["--results_dir", str(tmp_path / "one")])
+    assert one["seeds"] == [1]
+    for row in one["groups"][1:]:
+        assert row["vs_baseline"]["no_test"] == row["reaches_target"]["no_test"] == "n = 1: no test"
+        assert row["vs_baseline"]["p_one_sided"] is None and row["vs_baseline"]["significant"] is None
+    md = (tmp_path / "one" / "results.md").read_text()
+    assert "| sophiag | 5 | 1 | 2.0000 ± 0.0000 | -0.1000 | n = 1: no test | n = 1: no test | 1 of 1 |" in md
+    assert "Lower final val loss than adamw: n = 1: no test (Δ = -0.1000)" in md
+    assert "significant" not in md
+
+
+def test_significance_without_finished_seeds(tmp_path):
+    """A group whose only LR has a failed seed is not tested; without a baseline nothing is."""
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--optimizers", "adamw,sophiag,lion", "--steps", "10", "--lr_grid", "1", "--seeds", "1,2",
+            "--runs_dir", str(runs_dir), "--hess_batch_size=6"]
+    finals = {"adamw": [2.1, 2.2], "sophiag": [2.0, math.nan], "lion": [2.3, 2.4]}
+    for run in compare.plan(*compare.parse_args(argv))[1]:
+        write_metrics(run.out_dir, {0: 4.0, run.group.steps: finals[run.group.optimizer][run.seed - 1]})
+    results = compare.main(argv)
+    sophiag, lion = group(results, "sophiag"), group(results, "lion")
+    assert sophiag["per_seed"] == [] and sophiag["vs_baseline"] is sophiag["reaches_target"] is None
+    assert lion["vs_baseline"]["significant"] is False and lion["reaches_target"]["seeds_reaching"] == 0
+    md = (runs_dir / "results.md").read_text()
+    assert "| sophiag | 5 | 0 | failed | — | — | — | — |" in md
+    assert "- **sophiag** at 5 steps (0.5T): no LR at which every seed finished: no test." in md
+
+    broken = runs_dir / group(results, "adamw")["lrs"][0]["runs"][1]["out_dir"]
+    shutil.rmtree(broken)
+    write_metrics(broken, {0: 4.0, 10: math.nan})  # the baseline's seed 2 diverged
+    results = compare.main(argv)
+    assert all(row["vs_baseline"] is None for row in results["groups"])
+    md = (runs_dir / "results.md").read_text()
+    assert "No test: the baseline adamw has no LR at which every seed finished." in md
+
+
 # ----------------------------------------------------------------------------- the runner, for real
 
 def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
@@ -200,6 +349,7 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
         assert {"seed", "out_dir", "val_loss", "state"} <= set(row["lrs"][0]["runs"][0])
     assert group(saved, "adamw")["speedup"] == pytest.approx(1.0)
     assert "win_rate" in group(saved, "sophiag")["train_stats"]
+    assert saved["alpha"] == 0.05 and group(saved, "sophiag")["vs_baseline"]["no_test"] == "n = 1: no test"
 
     # Make one run unfinished: drop its final evaluation, as a kill just before it would.
     redo = runs_dir / group(saved, "sophiag")["lrs"][0]["runs"][0]["out_dir"]
@@ -224,6 +374,7 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [
     (["--seed=3"], "use --seeds"),
+    (["--alpha", "0.5"], "needs 0 < alpha < 0.5"),
     (["--learning_rate=1e-3"], "--lr_grid or --lrs"),
     (["--lrs", "sophiag=1e-3,2e-3,3e-3"], "same number of LRs"),
     (["--optimizers", "adamw,bogus"], "unknown optimizer"),

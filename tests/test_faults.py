@@ -207,7 +207,7 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_one_line_and_a_good_check
         tmp_path, poison_steps, capsys):
     poison_steps.update(range(3, 100))
     with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, "--max_iters=50", "--eval_interval=1000", "--max_bad_steps=4")
+        run_train(tmp_path, "--max_iters=50", "--eval_interval=1000", "--max_bad_steps=4", "--log_interval=1")
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "4 consecutive steps had a non-finite loss" in err
