@@ -687,11 +687,14 @@ def train(t: Trainer) -> dict:
                     print(line)
                     log(record)
                 if window.bad_in_a_row >= cfg.max_bad_steps:
-                    t.save()  # refuses (and says so) if the weights themselves are no longer finite
+                    # Nothing is saved: losses that stay non-finite over this many different
+                    # batches usually mean the weights are broken, and a save would prune an
+                    # earlier, good checkpoint.
+                    kept = checkpoints(t.out_dir)
                     raise UserError(f"{window.bad_in_a_row} consecutive steps had a non-finite loss or gradient "
-                                    f"(up to step {p.iter_num}); saved the last good weights as step {p.iter_num} "
-                                    f"in {t.out_dir}. Lower --learning_rate or check the data, then continue with "
-                                    f"--init_from=resume")
+                                    f"(up to step {p.iter_num}); stopped without saving, so the latest checkpoint is "
+                                    f"{kept[-1].name if kept else 'none'}. Lower --learning_rate or check the data"
+                                    + (", then continue with --init_from=resume" if kept else ""))
                 t_log = time.perf_counter()
 
             # --- preemption: every step alone; under torchrun on log steps, where the loop syncs anyway

@@ -72,5 +72,8 @@ def test_every_gpt2_config_runs_what_its_size_file_sets(path):
     size_file = configurator.parse(dict.fromkeys(train.DEFAULTS), [str(ROOT / "config" / f"_gpt2_{size}.py")])
     shared = {k: v for k, v in size_file.items() if v is not None}
     assert {"n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps", "max_iters"} <= shared.keys()
+    if "_fineweb_edu_" in path.stem:  # the paper's recipe on FineWeb-Edu: all of it but the dataset
+        assert shared.pop("dataset") == "openwebtext"
     cfg = configurator.parse(train.DEFAULTS, [str(path)])
     assert {k: cfg[k] for k in shared} == shared
+    assert cfg["dataset"] == ("fineweb_edu" if "_fineweb_edu_" in path.stem else "openwebtext")

@@ -203,14 +203,15 @@ def test_a_non_finite_step_on_a_hessian_refresh_keeps_the_estimate_taken_before_
         assert not torch.equal(state["hessian"], three["optimizer"]["state"][i]["hessian"])
 
 
-def test_too_many_bad_steps_in_a_row_stop_the_run_with_one_line_and_a_good_checkpoint(
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_one_line_keeping_the_last_checkpoint(
         tmp_path, poison_steps, capsys):
+    """Checked on log steps (here every step): the run stops at step 7, the 4th bad one, and
+    saves nothing, so the checkpoint of the evaluation at step 6 stays the latest."""
     poison_steps.update(range(3, 100))
     with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, "--max_iters=50", "--eval_interval=1000", "--max_bad_steps=4", "--log_interval=1")
+        run_train(tmp_path, "--max_iters=50", "--eval_interval=2", "--max_bad_steps=4", "--log_interval=1")
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "4 consecutive steps had a non-finite loss" in err
-    ckpt = load_ckpt(tmp_path)
-    assert ckpt["iter_num"] == 7
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert err.count("\n") == 1 and "4 consecutive steps had a non-finite loss" in err and "up to step 7" in err
+    assert "the latest checkpoint is ckpt_00000006.pt" in err
+    assert load_ckpt(tmp_path)["iter_num"] == 6

@@ -123,3 +123,58 @@ def test_a_compiled_run_does_not_recompile_in_steady_state(tmp_path):
         with contextlib.redirect_stdout(io.StringIO()):
             train.main([*args, f"--out_dir={out}", "--init_from=resume", "--max_iters=15"])
         assert counters["stats"]["unique_graphs"] == warm["unique_graphs"], (name, dict(counters["stats"]), warm)
+
+
+# ----------------------------------------------------------------------------- comparisons and divergence
+
+def test_two_seeds_score_the_same_evaluation_windows(tmp_path, monkeypatch):
+    """The windows depend on the dataset and eval_iters alone, so two runs that differ in
+    seed (and optimizer) score exactly the same text."""
+    scored = {}
+    windows = train.windows
+
+    def recording_windows(data, offsets, block_size, device):
+        scored.setdefault(run, []).append(list(offsets))
+        return windows(data, offsets, block_size, device)
+
+    monkeypatch.setattr(train, "windows", recording_windows)
+    for run, extra in (("a", ["--seed=1"]), ("b", ["--seed=2", "--optimizer_name=sophiag"])):
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.main([*TINY, f"--out_dir={tmp_path / run}", "--max_iters=0", *extra])
+    assert scored["a"] == scored["b"] and len(scored["a"]) == 2 * 5  # train and val, eval_iters=5
+
+
+def test_a_diverged_run_stops_with_one_line_keeps_the_last_finite_checkpoint_and_logs_valid_json(
+        tmp_path, capsys):
+    """lr 1e38: from step 6 every loss is NaN and its step skipped. The log says so (null,
+    never 0.0, and valid JSON), nothing is saved over the finite checkpoint of step 5, and
+    the run exits 2 with one line naming it."""
+    import json
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main([*TINY, f"--out_dir={out}", "--max_iters=5", "--eval_interval=5"])
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as stdout:
+        train.main([*TINY, f"--out_dir={out}", "--max_iters=40", "--eval_interval=100", "--init_from=resume",
+                    "--learning_rate=1e38", "--weight_decay=10.0", "--min_lr=0", "--warmup_iters=0",
+                    "--max_bad_steps=3", "--log_interval=2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "consecutive steps had a non-finite loss" in err and "ckpt_00000005.pt" in err
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_00000005.pt"]
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+               for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trains = [r for r in records if r["kind"] == "train" and r["iter"] > 6]
+    assert trains and all(r["loss"] is None for r in trains)
+    assert "all 2 steps skipped" in stdout.getvalue()
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path, capsys):
+    """lr 1e38 with weight decay 10 from scratch: 1 - lr wd overflows and the weights become
+    infinite; the evaluation at step 3 would checkpoint them, and refuses."""
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        train.main([*TINY, f"--out_dir={tmp_path}", "--max_iters=10", "--eval_interval=3", "--learning_rate=1e38",
+                    "--weight_decay=10.0", "--min_lr=0", "--warmup_iters=0", "--max_bad_steps=100"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no longer finite at step 3" in err and "latest checkpoint, none" in err, err
+    assert not list(tmp_path.glob("ckpt_*"))
