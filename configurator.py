@@ -100,7 +100,9 @@ def unknown_key_error(key: str, known: list[str], origin: str) -> UserError:
     return UserError(f"{origin}: unknown config key {key!r}; {hint}")
 
 
-def apply_config_file(path: str, config: dict[str, Any]) -> None:
+def apply_config_file(path: str, config: dict[str, Any], origins: dict[str, str] | None = None) -> None:
+    """Run a config file over `config`; `origins` records which file set each key it changes."""
+    origins = {} if origins is None else origins
     file = Path(path)
     if not file.is_file():
         raise UserError(f"config file {path} not found; give a file from config/ "
@@ -109,7 +111,7 @@ def apply_config_file(path: str, config: dict[str, Any]) -> None:
 
     def include(name: str) -> None:
         """Apply another config file (path relative to this one) at this point."""
-        apply_config_file(str(file.parent / name), config)
+        apply_config_file(str(file.parent / name), config, origins)
         namespace.update(config)
 
     namespace["include"] = include
@@ -124,23 +126,22 @@ def apply_config_file(path: str, config: dict[str, Any]) -> None:
             continue  # imports, helpers and dunders of the config file
         if key not in config:
             raise unknown_key_error(key, list(config), path)
-        config[key] = coerce(key, value, config[key], path)
+        value = coerce(key, value, config[key], path)
+        if value != config[key] or type(value) is not type(config[key]):
+            origins[key] = path
+        config[key] = value
 
 
 def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | None = None
           ) -> dict[str, Any]:
-    """Apply config files and `--key=value` overrides in `argv` to a copy of `defaults`."""
-    config = dict(defaults)
+    """Apply config files and `--key=value` overrides in `argv` to a copy of `defaults`.
+    --help prints every key's effective value (after all of argv) and where it came from."""
+    config, origins = dict(defaults), {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            try:
-                print_help(defaults, help_source)
-                sys.stdout.flush()
-            except BrokenPipeError:  # `--help | head`: the reader has all it wanted
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
-            sys.exit(0)
+            continue
         if not arg.startswith("--"):
-            apply_config_file(arg, config)
+            apply_config_file(arg, config, origins)
             continue
         if "=" not in arg:
             raise UserError(f"{arg} has no value; write {arg}=VALUE")
@@ -148,13 +149,23 @@ def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | N
         if key not in config:
             raise unknown_key_error(key, list(config), "command line")
         config[key] = coerce(key, parse_value(raw, defaults[key]), defaults[key], "command line")
+        origins[key] = "command line"
+    if "-h" in argv or "--help" in argv:
+        try:
+            print_help(config, origins, help_source)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--help | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
+        sys.exit(0)
     return config
 
 
-def print_help(defaults: dict[str, Any], help_source: str | Path | None) -> None:
+def print_help(config: dict[str, Any], origins: dict[str, str], help_source: str | Path | None) -> None:
+    """Every key with its value, where the value came from (when not the default) and its meaning."""
     meanings = key_help(help_source) if help_source else {}
     script = Path(help_source).name if help_source else "train.py"
     print(f"usage: python {script} [config/FILE.py ...] [--key=value ...]\n")
-    width = max(len(k) for k in defaults)
-    for key, value in defaults.items():
-        print(f"  --{key:<{width}} = {value!r:<22} {meanings.get(key, '')}".rstrip())
+    width = max(len(k) for k in config)
+    for key, value in config.items():
+        source = f"[{origins[key]}] " if key in origins else ""
+        print(f"  --{key:<{width}} = {value!r:<22} {source}{meanings.get(key, '')}".rstrip())

@@ -4,10 +4,13 @@ and the process plumbing of distributed runs (gradient sync, FSDP2 sharding, sto
 train.py, sample.py and the scripts import this; none of it is configuration.
 """
 
+import fcntl
 import functools
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -42,6 +45,9 @@ def exit_on_user_error(fn: F) -> F:
             if os.environ.get("RANK", "0") == "0":
                 print("error: " + one_line(str(e)), file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # a second Ctrl-C: the first one asks for a checkpoint (StopRequests)
+            print("interrupted: stopped without a checkpoint", file=sys.stderr)
+            sys.exit(130)
     return wrapper  # type: ignore[return-value]
 
 
@@ -59,6 +65,32 @@ def writable_dir(path: str | Path, option: str) -> Path:
     except OSError as e:
         raise UserError(f"cannot write to {str(path)!r} ({e.strerror}); choose another {option}") from None
     return path
+
+
+class RunLock:
+    """An exclusive lock on out_dir for a run's lifetime (rank 0 holds it for the whole job):
+    a second run into the same folder stops at once with a line naming the holder. It is an
+    flock, which the kernel drops when its process dies, so a run killed with kill -9 never
+    blocks its own restart."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"out_dir={str(out_dir)!r} is in use by another run ({holder}); wait for it to end, "
+                            f"or choose another --out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
 
 
 def pick_device(requested: str) -> str:
@@ -126,25 +158,33 @@ def shard_model(model: torch.nn.Module, device_type: str, world_size: int) -> No
 
 
 class StopRequests:
-    """Preemption (SLURM sends SIGTERM or SIGUSR1): the loop finishes its step, checkpoints and
-    exits 0. Under torchrun, also when the launcher is gone (killed by a signal it does not
+    """Preemption (SLURM sends SIGTERM or SIGUSR1) and Ctrl-C (SIGINT): the loop finishes its
+    step, checkpoints and exits 0; a second Ctrl-C aborts at once (KeyboardInterrupt). Under torchrun, also when the launcher is gone (killed by a signal it does not
     handle): its workers would otherwise train on unsupervised. Ranks agree on the reason,
     so every rank stops at the same step and rank 0 prints a reason some rank really had."""
 
-    REASONS = ("", "received SIGTERM", "received SIGUSR1", "the torchrun launcher is gone")
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    REASONS = ("", "received SIGTERM", "received SIGUSR1", "received SIGINT (Ctrl-C)", "the torchrun launcher is gone")
 
     def __init__(self):
         self.signals: list[int] = []
         self.launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
-        self.previous = {sig: signal.signal(sig, lambda signum, _: self.signals.append(signum))
-                         for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self.previous = {sig: signal.signal(sig, self._received) for sig in self.SIGNALS}
+
+    def _received(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in self.signals:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("Ctrl-C: finishing the step and saving a checkpoint (Ctrl-C again aborts without one)",
+                  file=sys.stderr)
+        self.signals.append(signum)
 
     def local(self) -> int:
         """This rank's reason, as an index into REASONS (0: none)."""
         if self.signals:
-            return 1 if self.signals[0] == signal.SIGTERM else 2
+            return 1 + self.SIGNALS.index(self.signals[0])
         if self.launcher is not None and os.getppid() != self.launcher:
-            return 3
+            return 4
         return 0
 
     def agreed(self, device: str) -> str:

@@ -31,11 +31,12 @@ from checkpoint import (checkpoints, full_state_dicts, load_full_optimizer_state
                         remove_partial_saves, rng_state, save_checkpoint, set_rng_state)
 from lion_pytorch import Lion
 from lion_pytorch.lion_pytorch import update_fn as lion_update
+from torch.optim._muon import muon as muon_update  # torch's functional Muon update (no public alias)
 
 from dataset import Batches, check_token_file, eval_offsets, open_tokens, prepare_dataset, windows
 from metrics import MetricsLog, StepWindow, init_wandb
 from model import GPT, GPTConfig, peak_flops
-from runtime import (ROOT, StopRequests, UserError, autocast, exit_on_user_error, one_line, pick_device,
+from runtime import (ROOT, RunLock, StopRequests, UserError, autocast, exit_on_user_error, one_line, pick_device,
                      pick_dtype, set_grad_sync, shard_model, writable_dir)
 from sophia import IMPLEMENTATIONS as _IMPLEMENTATIONS  # "_": a public tuple here would be a config key
 from sophia import Sophia, SophiaG, SophiaH, gnb_hessian, hutchinson_hessian
@@ -70,16 +71,17 @@ dropout = 0.0  # dropout rate (0 for pre-training)
 bias = False  # biases in Linear layers and LayerNorms
 scale_attn_by_inverse_layer_idx = False  # divide attention scores by the layer index + 1
 # optimizer
-optimizer_name = "adamw"  # 'adamw', 'lion', 'sophiag' or 'sophiah'
+optimizer_name = "adamw"  # 'adamw', 'lion', 'sophiag', 'sophiah' or 'muon' (hidden matrices; AdamW for the rest)
 learning_rate = 6e-4  # peak learning rate
 max_iters = 100000  # total optimizer steps
 weight_decay = 1e-1  # decoupled weight decay on matrices and embeddings
-beta1 = 0.9  # AdamW/Lion/Sophia beta1 (gradient EMA)
-beta2 = 0.95  # AdamW beta2, Lion beta2, Sophia's Hessian EMA rate
+beta1 = 0.9  # AdamW/Lion/Sophia beta1 (gradient EMA); Muon's AdamW part
+beta2 = 0.95  # AdamW beta2, Lion beta2, Sophia's Hessian EMA rate; Muon's AdamW part
+muon_momentum = 0.95  # Muon only: Nesterov momentum of its hidden matrices
 grad_clip = 1.0  # clip the gradient to this global norm (0 disables)
-rho = 0.05  # Sophia's clipping scale gamma (paper: 0.05 for Sophia-G, 0.01 for Sophia-H)
-hess_interval = 10  # Sophia: steps between Hessian estimates (k)
-hess_batch_size = 240  # Sophia: sequences in each Hessian estimate, over all ranks
+rho = 0.05  # Sophia only (others ignore it): clipping scale gamma (paper: 0.05 Sophia-G, 0.01 Sophia-H)
+hess_interval = 10  # Sophia only (others ignore it): steps between Hessian estimates (k)
+hess_batch_size = 240  # Sophia only (others ignore it): sequences in each Hessian estimate, over all ranks
 optimizer_impl = "auto"  # Sophia's update: 'auto' (compiled when compile=True, else reference), 'reference', 'compiled'
 hess_estimator = "auto"  # Sophia's estimator: 'auto' (sophiag: 'gnb', sophiah: 'hutchinson'); ablations: 'empirical_fisher', 'adahessian'
 sophia_clip = True  # Sophia's per-coordinate clip to [-1, 1]; False only for the no-clipping ablation
@@ -96,7 +98,7 @@ fsdp = False  # shard parameters, gradients and optimizer state over ranks (FSDP
 seed = 1337  # seeds model init, data order and the estimator's random draws
 # -----------------------------------------------------------------------------
 DEFAULTS = configurator.read_defaults(__file__)
-OPTIMIZERS = ("adamw", "lion", "sophiag", "sophiah")
+OPTIMIZERS = ("adamw", "lion", "sophiag", "sophiah", "muon")
 # Sophia's diagonal pre-conditioners (paper Fig. 7b): GNB (Sophia-G), Hutchinson (Sophia-H),
 # and for ablations the empirical Fisher (GNB with the data's labels instead of sampled ones)
 # and AdaHessian's (the square root of an EMA of squared Hutchinson estimates).
@@ -154,6 +156,9 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.hess_estimator != "auto" and not sophia:
         raise UserError(f"hess_estimator={cfg.hess_estimator!r} is for Sophia, not optimizer_name="
                         f"{cfg.optimizer_name!r}; use --optimizer_name=sophiag or sophiah, or drop hess_estimator")
+    if cfg.fsdp and cfg.optimizer_name == "muon":
+        raise UserError("fsdp=True does not work with optimizer_name='muon': its Newton-Schulz step needs each "
+                        "whole matrix, which FSDP2 splits over ranks; use DDP (--fsdp=False)")
     if cfg.fsdp and sophia and estimator_of(cfg) in SECOND_ORDER:
         raise UserError(f"fsdp=True does not work with optimizer_name={cfg.optimizer_name!r} and the "
                         f"{estimator_of(cfg)} estimator: its Hessian-vector product differentiates twice with "
@@ -169,6 +174,10 @@ def validate(cfg: Config, world_size: int) -> None:
                             f"({cfg.batch_size * local_accum * world_size} sequences); lower it")
     if cfg.init_from.startswith("gpt2") and cfg.block_size > 1024:
         raise UserError(f"block_size={cfg.block_size} exceeds GPT-2's 1024 positions; use --block_size=1024 or less")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise UserError(f"seed={cfg.seed} is outside [0, 2**32); pick a smaller seed")
+    if not cfg.out_dir.strip():
+        raise UserError("out_dir is empty; give a folder name with --out_dir")
     if cfg.keep_checkpoints < 1 or cfg.max_bad_steps < 1:
         raise UserError("keep_checkpoints and max_bad_steps must be at least 1")
     if cfg.init_from not in ("scratch", "resume", "auto", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
@@ -210,6 +219,9 @@ def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Op
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if cfg.optimizer_name == "lion":
         return SkippableLion(groups, lr=cfg.learning_rate, betas=betas)
+    if cfg.optimizer_name == "muon":
+        return MuonAdamW(model, cfg.learning_rate, cfg.weight_decay, betas, cfg.muon_momentum,
+                         fused=device_type in ("cuda", "cpu"))
     cls = SophiaG if cfg.optimizer_name == "sophiag" else SophiaH
     impl = cfg.optimizer_impl
     if impl == "auto":  # compile=False asks for no compilation: of the update neither
@@ -236,8 +248,69 @@ class SkippableLion(Lion):
         exp_avg.copy_(torch.where(skip, exp_avg, new_m))
 
 
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the transformer blocks' 2-D matrices (torch.optim.Muon's update), AdamW for
+    the rest (embeddings and the tied head, LayerNorm gains, biases; torch's docs say Muon is
+    for hidden matrices only), as one optimizer: one state_dict, one list of param groups
+    (the loop sets every group's lr), one found_inf. Muon's LR is adjusted with
+    "match_rms_adamw" (Moonshot: 0.2 sqrt(max(A, B)) x lr), so one peak LR and one decoupled
+    weight decay drive both parts."""
+
+    def __init__(self, model: GPT, lr: float, weight_decay: float, betas: tuple[float, float],
+                 momentum: float, fused: bool):
+        hidden = [p for block in model.transformer.h for p in block.parameters() if p.dim() == 2]
+        if not hidden:
+            raise UserError("optimizer_name='muon' needs 2-D hidden matrices and this model has none; use n_layer >= 1")
+        ids = {id(p) for p in hidden}
+        rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in model.param_groups(weight_decay)]
+        self.muon = SkippableMuon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                  adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(rest, lr=lr, betas=betas, fused=fused)
+        super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
+        self._share()
+
+    def _share(self) -> None:
+        """The parts use this optimizer's group dicts and state (load_state_dict replaces both)."""
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._share()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for part in (self.muon, self.adamw):
+            if isinstance(getattr(self, "found_inf", None), torch.Tensor):
+                part.found_inf = self.found_inf
+            part.step()
+
+
+class SkippableMuon(torch.optim.Muon):
+    """torch.optim.Muon whose update leaves p and its momentum as they were where `found_inf`
+    is set, as SkippableLion does: torch's own update, run tensor by tensor on copies."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        skip = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            options = {k: group[k] for k in ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
+                                             "ns_steps", "adjust_lr_fn")}
+            for p, grad, buf in zip(params, grads, bufs):
+                new_p, new_buf = p.detach().clone(), buf.clone()
+                muon_update([new_p], [grad], [new_buf], has_complex=False, **options)
+                keep = skip != 0 if isinstance(skip, torch.Tensor) else torch.zeros((), dtype=torch.bool, device=p.device)
+                p.copy_(torch.where(keep, p, new_p))
+                buf.copy_(torch.where(keep, buf, new_buf))
+
+
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer reads `found_inf` itself (no host sync to skip a step)."""
+    if isinstance(optimizer, MuonAdamW):
+        return skips_on_device(optimizer.adamw)
     return (isinstance(optimizer, (Sophia, SkippableLion))
             or isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused")))
 
@@ -405,6 +478,7 @@ class Trainer:
     batches: Batches
     estimator: HessianEstimator | None
     progress: Progress
+    lock: RunLock | None = None  # rank 0's hold on out_dir
 
     @property
     def master(self) -> bool:
@@ -506,9 +580,11 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     master = rank == 0
     device_type = "cuda" if dev.startswith("cuda") else dev
     out_dir = Path(cfg.out_dir)
+    if cfg.init_from == "resume" and not checkpoints(out_dir):  # before anything is created
+        raise UserError(f"{out_dir} holds no checkpoint (ckpt_*.pt) to resume; train first, or point --out_dir at "
+                        f"a run that has saved one")
     if master:
         writable_dir(out_dir, "--out_dir")
-        remove_partial_saves(out_dir)
     torch.manual_seed(cfg.seed)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -530,7 +606,10 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     try:
         meta = read_meta(data_dir)  # the tokenizer, saved in checkpoints for sample.py and the scripts
     except FileNotFoundError:
-        meta = {"tokenizer": "gpt2", "vocab_size": 50257}  # a dataset prepared without meta.json
+        meta = {"tokenizer": "gpt2", "vocab_size": 50257}
+        if master:
+            print(f"warning: {data_dir / 'meta.json'} not found: assuming GPT-2 BPE tokens (vocab 50257); "
+                  f"a character-level dataset needs its meta.json", file=sys.stderr)
 
     checkpoint = None
     if cfg.init_from == "resume" or (cfg.init_from == "auto" and checkpoints(out_dir)):
@@ -546,9 +625,18 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     if checkpoint is None and checkpoints(out_dir):
         raise UserError(f"out_dir={str(out_dir)!r} already holds a run's checkpoints, which a new run would replace; "
                         f"continue it with --init_from=resume (or auto), or choose a new --out_dir")
+    records = out_dir / "metrics.jsonl"
+    if checkpoint is None and cfg.init_from == "scratch" and records.exists() and records.stat().st_size:
+        raise UserError(f"out_dir={str(out_dir)!r} holds another run's records (metrics.jsonl) but no checkpoint; a "
+                        f"new run would mix its records with them: choose a new --out_dir (init_from=auto would set "
+                        f"them aside and start over)")
     if checkpoint is not None and checkpoint["config"]["optimizer_name"] != cfg.optimizer_name:
         raise UserError(f"checkpoint in {out_dir} was trained with {checkpoint['config']['optimizer_name']}, "
                         f"not {cfg.optimizer_name}; resume with the same optimizer_name or use a new --out_dir")
+    lock = None
+    if master:  # every check has passed: from here on this run owns out_dir
+        lock = RunLock(out_dir)
+        remove_partial_saves(out_dir)
     if sharded:
         # Before the optimizer (it holds the shards) and before moving to the GPU: fully_shard
         # moves one block at a time and shards it, so the whole model is never on one GPU.
@@ -591,6 +679,11 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
         if len(saved_rngs) != world_size and master:
             print(f"resuming on {world_size} ranks (was {len(saved_rngs)}): the data order continues exactly, "
                   f"but gradients are reduced in another order, so the run is no longer bitwise the same")
+    trainer.lock = lock
+    if master and checkpoint is None and records.exists():  # init_from=auto after a run that never checkpointed
+        aside = records.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        records.rename(aside)
+        print(f"{records} held the records of a run that saved no checkpoint: moved to {aside.name}, starting over")
     if master:
         tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
         print(f"{eager_model.get_num_params() / 1e6:.2f}M parameters, {cfg.optimizer_name}, {tokens_per_iter:,} "
@@ -709,6 +802,8 @@ def train(t: Trainer) -> dict:
         stop.restore()
         if log is not None:
             log.close()
+        if t.lock is not None:
+            t.lock.release()
     return last_eval
 
 

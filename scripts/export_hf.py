@@ -27,6 +27,7 @@ models, `AutoTokenizer.from_pretrained(hf_dir)`), offline. What it holds:
 """
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -133,6 +134,13 @@ def export(model: GPT, meta: dict, hf_dir: str | Path) -> Path:
     else:
         vocab = {"tokenizer": "char", "chars": meta["chars"], "vocab_size": len(meta["chars"])}
         (hf_dir / CHAR_VOCAB_FILE).write_text(json.dumps(vocab, indent=2) + "\n")
+    # safetensors writes through a private temporary file (mode 0600): give every file the
+    # permissions the umask allows, as any other written file gets (0644 under umask 022).
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in hf_dir.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
     return hf_dir
 
 

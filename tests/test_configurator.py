@@ -252,5 +252,18 @@ def test_help_lists_every_key_with_default_and_meaning():
         assert f"= {default!r}" in lines[key], lines[key]
         assert lines[key].endswith(meanings[key]), lines[key]
     assert "sequences per micro-step per rank" in lines["batch_size"]
-    assert "'adamw', 'lion', 'sophiag' or 'sophiah'" in lines["optimizer_name"]
+    assert "'adamw', 'lion', 'sophiag', 'sophiah' or 'muon'" in lines["optimizer_name"]
     assert "= 0.0006" in lines["learning_rate"]
+
+
+def test_help_after_a_config_shows_the_effective_values_and_where_they_come_from():
+    result = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char_adamw.py", "--max_iters=7",
+                             "--help"], cwd=ROOT, capture_output=True, text=True, check=False, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"^  --(\w+) .*$", result.stdout, re.MULTILINE)}
+    assert "= 7 " in lines["max_iters"] and "[command line]" in lines["max_iters"]
+    assert "= 0.004 " in lines["learning_rate"] and "[config/train_shakespeare_char_adamw.py]" in lines["learning_rate"]
+    assert "= 0.9 " in lines["beta1"] and "[config/_optimizer_adamw.py]" in lines["beta1"]  # an include's key
+    assert "= 4 " in lines["n_layer"] and "[config/train_shakespeare_char.py]" in lines["n_layer"]
+    assert "[" not in lines["decay_lr"]  # the default: no origin

@@ -48,10 +48,11 @@ TINY = [
 OPTIMIZERS = {
     "adamw": ["--optimizer_name=adamw"],
     "lion": ["--optimizer_name=lion"],
+    "muon": ["--optimizer_name=muon"],
     "sophiag": ["--optimizer_name=sophiag"],
     "sophiah": ["--optimizer_name=sophiah", "--rho=0.01"],
 }
-FSDP_OPTIMIZERS = ["adamw", "lion", "sophiag"]  # Sophia-H is refused under FSDP2 (see the last test)
+FSDP_OPTIMIZERS = ["adamw", "lion", "sophiag"]  # Sophia-H and Muon are refused under FSDP2
 # 2 micro-steps per rank (4 in one process): the gradient all-reduce / reduce-scatter skipped on
 # the first (DDP no_sync, FSDP2 set_requires_gradient_sync), the estimator over 2 micro-batches.
 ACCUMULATE = ["--gradient_accumulation_steps=4", "--hess_batch_size=16", *OPTIMIZERS["sophiag"]]

@@ -9,7 +9,10 @@ itself is also checked on random models whose biases and LayerNorm gains are far
 their initial zeros and ones, so a misplaced tensor cannot go unnoticed.
 """
 
+import contextlib
+import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,14 @@ def test_unwritable_hf_dir_is_one_error_line(capsys, char_run, tmp_path):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     expect_one_line_error(capsys, export_hf.main, [f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'blocker' / 'hf'}"],
                           "choose another --hf_dir")
+
+
+def test_exported_files_get_the_usual_permissions(char_run, tmp_path):
+    old = os.umask(0o022)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_hf.main([f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'hf'}"])
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()}
+    assert modes and all(mode == 0o644 for mode in modes.values()), modes

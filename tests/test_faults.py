@@ -5,6 +5,7 @@ A resumed run is the run it continues: bitwise on CPU, for every optimizer, whet
 the stop falls before, on or after a Hessian refresh (hess_interval=3 below).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -33,7 +34,7 @@ def final_state(out_dir: Path) -> dict:
 def uninterrupted(tmp_path_factory) -> dict:
     """The 60-step runs that the interrupted ones must reproduce, per optimizer."""
     runs = {}
-    for name in ("adamw", "sophiag", "sophiah", "lion"):
+    for name in ("adamw", "sophiag", "sophiah", "lion", "muon"):
         out_dir = tmp_path_factory.mktemp(f"full-{name}")
         run_train(out_dir, *SIXTY, f"--optimizer_name={name}")
         runs[name] = final_state(out_dir)
@@ -66,6 +67,7 @@ def test_only_the_latest_keep_checkpoints_are_kept(tmp_path):
     (signal.SIGUSR1, "sophiah", "iter 7:"),   # right after one (at 6)
     (signal.SIGTERM, "adamw", "iter 5:"),
     (signal.SIGUSR1, "lion", "iter 3:"),
+    (signal.SIGTERM, "muon", "iter 4:"),
 ])
 def test_preemption_signal_checkpoints_exits_0_and_the_resumed_run_is_bitwise_the_same(
         tmp_path, uninterrupted, sig, name, stop_at):
@@ -164,7 +166,7 @@ def poison_steps(monkeypatch):
     return bad
 
 
-@pytest.mark.parametrize("name", ["adamw", "sophiag", "lion"])
+@pytest.mark.parametrize("name", ["adamw", "sophiag", "lion", "muon"])
 def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched(tmp_path, poison_steps, name):
     """Steps 4 and 5 of 6 are NaN: the result equals a 4-step run (m, h, step counts too),
     and the skips are logged."""
@@ -215,3 +217,72 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_one_line_keeping_the_last
     assert err.count("\n") == 1 and "4 consecutive steps had a non-finite loss" in err and "up to step 7" in err
     assert "the latest checkpoint is ckpt_00000006.pt" in err
     assert load_ckpt(tmp_path)["iter_num"] == 6
+
+
+# ----------------------------------------------------------------------------- one run per out_dir, Ctrl-C
+
+def test_a_second_run_into_a_running_runs_out_dir_stops_with_one_line_naming_it(tmp_path, capsys):
+    """The first run holds out_dir's lock (here taken by RunLock in this process: flock is per
+    open file, so it conflicts all the same); the second stops before writing anything."""
+    from runtime import RunLock
+    run_train(tmp_path, "--max_iters=2", "--eval_interval=2")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    holder = RunLock(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_train(tmp_path, "--max_iters=4", "--eval_interval=2", "--init_from=auto")
+    finally:
+        holder.release()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "is in use by another run (host " in err
+    assert f"pid {os.getpid()}" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+    run_train(tmp_path, "--max_iters=4", "--eval_interval=2", "--init_from=auto")  # released: it goes on
+
+
+def test_a_fresh_run_never_mixes_its_records_with_an_earlier_runs(tmp_path, capsys):
+    """A run stopped before its first checkpoint leaves metrics.jsonl only: init_from=scratch
+    refuses to append to it, init_from=auto sets it aside and starts over."""
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "iter": 5, "loss": 3.0}\n')
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--max_iters=2", "--eval_interval=2")
+    assert "holds another run's records" in capsys.readouterr().err
+    run_train(tmp_path, "--max_iters=2", "--eval_interval=2", "--init_from=auto")
+    aside = list(tmp_path.glob("metrics.*.jsonl"))
+    assert len(aside) == 1 and aside[0].read_text() == '{"kind": "train", "iter": 5, "loss": 3.0}\n'
+    iters = [json.loads(line)["iter"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 5 not in iters and iters[0] == 0
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_bitwise(tmp_path, uninterrupted):
+    proc = start_training(tmp_path, *SIXTY, "--optimizer_name=sophiag")
+    wait_for_line(proc, "iter 4:")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "received SIGINT (Ctrl-C): saved a checkpoint at step" in out and "--init_from=resume" in out
+    assert 0 < load_ckpt(tmp_path)["iter_num"] < 60
+    run_train(tmp_path, *SIXTY, "--optimizer_name=sophiag", "--init_from=resume")
+    assert_same_tensors(final_state(tmp_path), uninterrupted["sophiag"])
+
+
+def test_a_second_ctrl_c_aborts_at_once_with_one_line(tmp_path):
+    """The second Ctrl-C lands while the first one's checkpoint is being written (save is
+    slowed down here so that it always does): no traceback, exit 130."""
+    slow_save = ("import time, checkpoint, runpy, sys\n"
+                 "real = checkpoint.save_checkpoint\n"
+                 "def slow(*a, **k):\n    print('saving', flush=True)\n    time.sleep(30)\n    return real(*a, **k)\n"
+                 "checkpoint.save_checkpoint = slow\n"
+                 "import train\ntrain.save_checkpoint = slow\n"
+                 "sys.argv = ['train.py', *sys.argv[1:]]\ntrain.main()\n")
+    proc = subprocess.Popen([sys.executable, "-u", "-c", slow_save, *TINY, f"--out_dir={tmp_path}", *SIXTY],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_line(proc, "iter 4:")
+    proc.send_signal(signal.SIGINT)
+    wait_for_line(proc, "saving")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted: stopped without a checkpoint" in out and "Traceback" not in out

@@ -18,6 +18,7 @@ OPTIMIZERS = {
     "lion": ["--optimizer_name=lion"],
     "sophiag": ["--optimizer_name=sophiag"],
     "sophiah": ["--optimizer_name=sophiah", "--rho=0.01"],
+    "muon": ["--optimizer_name=muon"],
 }
 
 

@@ -397,9 +397,34 @@ cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
                  id="resume-with-other-model-shape"),
     pytest.param(["--init_from=resume", "--optimizer_name=lion"], ["trained with adamw, not lion"],
                  id="resume-with-other-optimizer"),
+    pytest.param(["--seed=99999999999999999999999"], ["seed=99999999999999999999999 is outside [0, 2**32)"],
+                 id="seed-out-of-range"),
+    pytest.param(["--fsdp=True", "--optimizer_name=muon"], ["fsdp=True does not work with optimizer_name='muon'"],
+                 id="muon-with-fsdp"),
 ])
 def test_bad_input_is_refused_with_one_error_line(capsys, out_dir, args, fragments):
     expect_user_error(capsys, out_dir, args, *fragments)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_out_dir_is_refused_and_nothing_is_written_here(capsys, tmp_path, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    expect_one_line_error(capsys, train.main, [*TINY, f"--out_dir={value}"], "out_dir is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_into_a_missing_folder_creates_nothing(capsys, tmp_path):
+    expect_one_line_error(capsys, train.main, [*TINY, f"--out_dir={tmp_path / 'nowhere'}", "--init_from=resume"],
+                          "holds no checkpoint")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_dataset_without_meta_json_is_assumed_gpt2_with_one_warning(capsys, tmp_path, make_dataset):
+    name = make_dataset(train_ids=char_ids(), val_ids=char_ids(seed=1))
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main([*TINY, f"--out_dir={tmp_path}", f"--dataset={name}", "--max_iters=1"])
+    err = capsys.readouterr().err
+    assert err.count("meta.json not found: assuming GPT-2 BPE") == 1
 
 
 def test_gpt2_init_that_cannot_get_the_weights_is_refused(capsys, tmp_path, gpt2_hub):

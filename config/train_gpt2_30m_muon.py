@@ -1,0 +1,11 @@
+# Sophia paper (Liu et al. 2023), Table 2 / Fig. 1 & 4: 30M GPT-2 on OpenWebText with Muon,
+# 100K steps x 480 sequences x 1024 tokens (49B tokens), warmup 2K, cosine to 0.05x peak, clip 1.0, bf16.
+# Cost: about 23 A100-hours (8 x A100: ~3 h), estimated as 6*N*D FLOPs at 40% MFU, not measured. Muon's Newton-Schulz steps add a few percent, not counted.
+# Prepare the data first: python -m data.openwebtext.prepare
+# Not in the paper (Table 2 has no Muon): AdamW's LR, which Muon's RMS-matched LR scaling is meant to reuse; untuned.
+include("_gpt2_30m.py")
+include("_optimizer_muon.py")
+out_dir = "out-gpt2-30m-muon"
+wandb_run_name = "gpt2-30m-muon"
+learning_rate = 1.2e-3
+min_lr = 6.0e-5
