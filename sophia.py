@@ -370,16 +370,39 @@ def _compile_works(device_type: str) -> bool:
 
 # ----------------------------------------------------------------------------- estimators
 
+# Rows of the logits handled at once by sample_labels and _cross_entropy_grad: their float32
+# temporaries are ROW_BLOCK x V (about 200 MB for GPT-2's vocabulary), never the whole batch's.
+ROW_BLOCK = 1024
+
+
 def sample_labels(logits: Tensor, uniform: Tensor) -> Tensor:
     """Draw one label per row of `logits` (..., V) from softmax(logits) by inverting the
-    CDF at `uniform` (...,): one softmax and one cumsum over the logits, no host sync,
+    CDF at `uniform` (...,): a float32 softmax and cumsum per block of rows, no host sync,
     and the draw is a pure function of the uniforms (so it is reproducible across ranks
     and restarts). torch.distributions.Categorical would copy the logits and sync."""
-    cdf = torch.softmax(logits.float(), dim=-1).cumsum_(dim=-1)
-    # Scale by the last cdf value so rounding in the sum cannot put u past the end.
-    target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
-    labels = torch.searchsorted(cdf, target).squeeze(-1)
-    return labels.clamp_(max=logits.size(-1) - 1)
+    rows, u = logits.reshape(-1, logits.size(-1)), uniform.reshape(-1)
+    labels = torch.empty(rows.size(0), dtype=torch.long, device=logits.device)
+    for start in range(0, rows.size(0), ROW_BLOCK):
+        cdf = torch.softmax(rows[start:start + ROW_BLOCK], dim=-1, dtype=torch.float32).cumsum_(dim=-1)
+        # Scale by the last cdf value so rounding in the sum cannot put u past the end.
+        target = (u[start:start + ROW_BLOCK].to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+        labels[start:start + ROW_BLOCK] = torch.searchsorted(cdf, target).squeeze(-1)
+    return labels.clamp_(max=logits.size(-1) - 1).view(uniform.shape)
+
+
+def _cross_entropy_grad(logits: Tensor, labels: Tensor, scale: float) -> Tensor:
+    """d/dlogits of scale x the summed cross-entropy against `labels`: scale (softmax - onehot),
+    in the logits' dtype, computed in float32 (float64 for float64 logits) per block of rows. Handing it to
+    logits.backward() skips autograd's cross-entropy, whose float32 copies of the logits
+    (forward, saved log-softmax, gradient) are what the estimate's memory peak was made of."""
+    rows, flat = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
+    grad, dtype = torch.empty_like(rows), torch.promote_types(logits.dtype, torch.float32)
+    for start in range(0, rows.size(0), ROW_BLOCK):
+        block = torch.softmax(rows[start:start + ROW_BLOCK], dim=-1, dtype=dtype)
+        picked = flat[start:start + ROW_BLOCK].unsqueeze(-1)
+        block.scatter_add_(-1, picked, torch.full(picked.shape, -1.0, dtype=dtype, device=block.device))
+        grad[start:start + ROW_BLOCK] = block.mul_(scale)
+    return grad.view(logits.shape)
 
 
 def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tensor], generator: torch.Generator,
@@ -425,10 +448,9 @@ def gnb_hessian(model: torch.nn.Module, params: list[Tensor], inputs: list[Tenso
         u = uniforms[offset:offset + x.numel()].view(x.shape)
         offset += x.numel()
         y = sample_labels(logits.detach(), u) if targets is None else targets[i]
-        # Sum here and divide by the rank's prediction count: the mean over all local tokens.
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
-                               reduction="sum") / local_preds
-        (loss * loss_scale).backward()
+        # The gradient of the mean cross-entropy over all local tokens, loss-scaled.
+        logits.backward(_cross_entropy_grad(logits.detach(), y, loss_scale / local_preds))
+        del logits
     scale = global_preds / (loss_scale * loss_scale)
     h_hat = []
     for p in params:

@@ -33,7 +33,7 @@ from lion_pytorch import Lion
 from lion_pytorch.lion_pytorch import update_fn as lion_update
 from torch.optim._muon import muon as muon_update  # torch's functional Muon update (no public alias)
 
-from dataset import Batches, check_token_file, eval_offsets, open_tokens, prepare_dataset, windows
+from dataset import Batches, check_split, eval_offsets, holds_shards, prepare_dataset, read_split, windows
 from metrics import MetricsLog, StepWindow, init_wandb
 from model import GPT, GPTConfig, peak_flops
 from runtime import (ROOT, RunLock, StopRequests, UserError, autocast, exit_on_user_error, one_line, pick_device,
@@ -59,7 +59,7 @@ wandb_log = False  # log to Weights & Biases (offline mode when no API key is se
 wandb_project = "sophia"  # wandb project name
 wandb_run_name = "gpt2"  # wandb run name
 # data
-dataset = "openwebtext"  # folder under data/ holding train.bin, val.bin, meta.json
+dataset = "openwebtext"  # folder under data/ holding train.bin, val.bin, meta.json (or llm.c token shards)
 gradient_accumulation_steps = 40  # micro-steps per step over ALL ranks (divided by the world size)
 batch_size = 12  # sequences per micro-step per rank
 block_size = 1024  # context length in tokens
@@ -428,8 +428,8 @@ def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast,
     out = {}
     model.eval()
     for split in ("train", "val"):
-        path = data_dir / f"{split}.bin"
-        ix, data = eval_offsets(path, cfg.block_size, cfg.eval_iters, cfg.batch_size), open_tokens(path)
+        data = read_split(data_dir, split)  # its .bin file or its llm.c shards
+        ix = eval_offsets(data, cfg.block_size, cfg.eval_iters, cfg.batch_size)
         losses = torch.zeros(cfg.eval_iters, device=device)
         rounds = -(-cfg.eval_iters // world_size)
         # A transient bar (a terminal only, rank 0): logs keep one line per evaluation.
@@ -607,7 +607,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
         meta = read_meta(data_dir)  # the tokenizer, saved in checkpoints for sample.py and the scripts
     except FileNotFoundError:
         meta = {"tokenizer": "gpt2", "vocab_size": 50257}
-        if master:
+        if master and not holds_shards(data_dir):  # llm.c shards are GPT-2 by definition: no doubt to warn of
             print(f"warning: {data_dir / 'meta.json'} not found: assuming GPT-2 BPE tokens (vocab 50257); "
                   f"a character-level dataset needs its meta.json", file=sys.stderr)
 
@@ -621,7 +621,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
                             f"{cfg.dataset!r}; resume with --dataset={checkpoint['config']['dataset']}, or use a new --out_dir")
     model, model_args = load_model(cfg, out_dir, meta, checkpoint)
     for split in ("train", "val"):
-        check_token_file(data_dir / f"{split}.bin", model.config.vocab_size, cfg.block_size, meta.get(f"{split}_tokens"))
+        check_split(data_dir, split, model.config.vocab_size, cfg.block_size, meta.get(f"{split}_tokens"))
     if checkpoint is None and checkpoints(out_dir):
         raise UserError(f"out_dir={str(out_dir)!r} already holds a run's checkpoints, which a new run would replace; "
                         f"continue it with --init_from=resume (or auto), or choose a new --out_dir")
@@ -640,7 +640,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     if sharded:
         # Before the optimizer (it holds the shards) and before moving to the GPU: fully_shard
         # moves one block at a time and shards it, so the whole model is never on one GPU.
-        shard_model(model, device_type, world_size)
+        shard_model(model, device_type, world_size, compile_blocks=cfg.compile)
     elif cfg.fsdp and master:
         print("fsdp=True in a single process: nothing to shard, training unsharded")
     model.to(dev)
@@ -657,7 +657,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
         progress = Progress(checkpoint["iter_num"], checkpoint["tokens"], checkpoint["best_val_loss"])
 
     eager_model = model
-    if cfg.compile:
+    if cfg.compile and not sharded:  # sharded: its blocks were compiled before sharding
         model = torch.compile(model)
     if distributed and not sharded:
         model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
@@ -668,7 +668,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
                                      scaler.get_scale if scaler.is_enabled() else (lambda: 1.0), dev)
     trainer = Trainer(cfg, rank, world_size, distributed, sharded, dev, out_dir, data_dir, meta, model_args, model,
                       eager_model, optimizer, scaler, mixed,
-                      Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, cfg.seed, dev,
+                      Batches(read_split(data_dir, "train"), cfg.block_size, cfg.batch_size, cfg.seed, dev,
                               cfg.gradient_accumulation_steps // world_size, rank, world_size), estimator,
                       progress)
     if checkpoint is not None:

@@ -19,7 +19,8 @@ peak memory, printed as Markdown tables.
                hess_interval=10 with a half-batch estimator (hess_batch_size = batch_size / 2),
                log_interval=10 (so every logged window holds exactly one estimator call).
                time_ms comes from out_dir/metrics.jsonl: the median of the 10-iteration windows
-               after the first (warmup, compilation), robust to other jobs' bursts. Each run is a fresh `python train.py` subprocess.
+               after the first (warmup, compilation), robust to other jobs' bursts. Each run is a fresh
+               `python train.py` subprocess.
 --what memory  Peak memory per optimizer. Step benchmark: torch.cuda.max_memory_allocated
                while stepping, or on the CPU the peak RSS while stepping (Linux VmHWM, reset
                just before the first step: parameters, gradients, optimizer state, temporaries,
@@ -55,6 +56,7 @@ Sophia-H <= 1.10x; peak memory within 5% of AdamW. --what gpu states its own (is
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -80,8 +82,8 @@ SHAPES = {
     "small": dict(n_layer=12, n_head=12, n_embd=768),
     "medium": dict(n_layer=24, n_head=16, n_embd=1024),
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
-    "tiny2": dict(n_layer=3, n_head=4, n_embd=96, block_size=64),
 }
+SHAPES["tiny2"] = SHAPES["tiny"]  # the same graphs: the rehearsal's second shape reuses inductor's cache
 
 # sophiag_<impl>[_s<n>]: SophiaG(impl=<impl>, stats_every=<n>)
 STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "sophiag_reference", "sophiag_compiled",
@@ -237,7 +239,8 @@ def worker_train(optimizer_name: str, impl: str, iters: int, out_dir: str) -> di
     batch_size = 12  # the config's
     argv = [
         "config/train_shakespeare_char.py", f"--out_dir={out_dir}", f"--optimizer_name={optimizer_name}",
-        f"--optimizer_impl={impl}", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+        # lr_decay_iters stays the config's: train.py wants it >= warmup_iters
+        f"--optimizer_impl={impl}", f"--max_iters={iters}",
         f"--eval_interval={iters}", "--eval_iters=1", "--log_interval=10", "--hess_interval=10",
         f"--batch_size={batch_size}", f"--hess_batch_size={batch_size // 2}", f"--device={device}",
         "--wandb_log=False", "--always_save_checkpoint=False",
@@ -277,20 +280,26 @@ def output_tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-def spawn(cmd: list[str], log_path: Path, timeout: float) -> float:
+def spawn(cmd: list[str], log_path: Path, timeout: float, threads: int = 0) -> float:
     """Run `cmd` from the repository root with stdout and stderr in `log_path`, in a process
     group of its own, so that a timeout also stops the compile workers torch.compile starts.
-    Returns its peak RSS in MiB; raises RunFailed on a non-zero exit or after `timeout` seconds."""
+    Returns its peak RSS in MiB; raises RunFailed on a non-zero exit or after `timeout` seconds.
+    threads > 0 sets OMP_NUM_THREADS, which torch's intra-op pool follows."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads > 0 else None
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     deadline = time.monotonic() + timeout
     exited = timed_out = False
+    peek = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
     try:
         while not exited:
-            if hasattr(os, "waitid"):  # exited, but not reaped: its group id cannot be reused yet
-                exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-            else:
+            if peek:  # exited, but not reaped: its group id cannot be reused yet
+                try:
+                    exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+                except OSError:
+                    peek = False
+            if not peek:
                 exited = proc.poll() is not None
             if not exited and time.monotonic() > deadline:
                 timed_out = True
@@ -495,6 +504,7 @@ class GpuPlan:
     step_iters: int
     step_warmup: int
     budget_s: float
+    threads: int  # torch threads of every subprocess (0: torch's default)
     train_cap_s: float  # the most one training run may take
     step_cap_s: float
     est_train_s: dict[str, float]
@@ -511,15 +521,15 @@ class GpuPlan:
 
 
 def gpu_plan(rehearse: bool, budget_s: float | None) -> GpuPlan:
-    if rehearse:  # the same path on the CPU, small enough for a test; compile=False keeps it short
+    if rehearse:  # the same path on the CPU, small enough for a test: compile=False, 128 tokens a step, 1 thread
         return GpuPlan(
             rehearse=True, device="cpu", train_label="tiny GPT (2 layers x 64, GPT-2's vocabulary)",
-            train_overrides=("--n_layer=2", "--n_head=2", "--n_embd=64", "--optimizer_impl=compiled"),
-            compile=False, dtype="bfloat16", block_size=64, batch_size=4, accum=4, max_iters=40, log_interval=10,
+            train_overrides=("--n_layer=2", "--n_head=2", "--n_embd=64"),
+            compile=False, dtype="bfloat16", block_size=32, batch_size=2, accum=2, max_iters=40, log_interval=10,
             skip_windows=2, train_tokens=1 << 20, val_tokens=1 << 16, step_models=("tiny", "tiny2"),
-            step_iters=10, step_warmup=10, budget_s=budget_s or 900, train_cap_s=300, step_cap_s=300,
-            est_train_s={"adamw": 8, "sophiag": 15, "sophiah": 15},
-            est_step_s={"adamw_fused": 4, "sophiag_compiled_s10": 12, "sophiag_compiled": 8, "sophiag_reference": 4})
+            step_iters=10, step_warmup=10, budget_s=budget_s or 900, threads=1, train_cap_s=300, step_cap_s=300,
+            est_train_s={"adamw": 8, "sophiag": 9, "sophiah": 9},
+            est_step_s={"adamw_fused": 4, "sophiag_compiled_s10": 20, "sophiag_compiled": 8, "sophiag_reference": 4})
     # One H100/H200: GPT-2 small at ~45% MFU takes ~0.13 s per 65K-token iteration, so compiling
     # (about a minute for the model's first graphs; inductor's on-disk cache serves later processes)
     # dominates: the estimates below are that, not measurements.
@@ -527,7 +537,7 @@ def gpu_plan(rehearse: bool, budget_s: float | None) -> GpuPlan:
         rehearse=False, device="cuda", train_label="GPT-2 small (124M)", train_overrides=(),
         compile=True, dtype="bfloat16", block_size=1024, batch_size=16, accum=4, max_iters=60, log_interval=10,
         skip_windows=2, train_tokens=64 << 20, val_tokens=1 << 20, step_models=("small", "medium"),
-        step_iters=50, step_warmup=10, budget_s=budget_s or 480, train_cap_s=240, step_cap_s=150,
+        step_iters=50, step_warmup=10, budget_s=budget_s or 480, threads=0, train_cap_s=300, step_cap_s=120,
         est_train_s={"adamw": 100, "sophiag": 110, "sophiah": 70},
         est_step_s={"adamw_fused": 10, "sophiag_compiled_s10": 40, "sophiag_compiled": 15, "sophiag_reference": 12},
         est_medium_factor=1.25)
@@ -575,8 +585,10 @@ def check_train_argvs(argvs: dict[str, list[str]]) -> None:
     try:
         checked = json.loads(proc.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
-        raise UserError(f"train.py --check failed (exit {proc.returncode}): "
-                        f"{(proc.stderr.strip().splitlines() or [''])[-1]}") from None
+        last = (proc.stderr.strip().splitlines() or [""])[-1]
+        hint = "; install the missing package (requirements.txt)" if "ModuleNotFoundError" in last else ""
+        raise UserError(f"train.py cannot start here (train.py --check, exit {proc.returncode}): "
+                        f"{last}{hint}") from None
     for name, result in zip(argvs, checked):
         if "error" in result:
             raise UserError(f"train.py refuses the {name} run of --what gpu: {result['error']}")
@@ -636,7 +648,7 @@ def gpu_train_run(plan: GpuPlan, name: str, hess_batch_size: int, dataset: str, 
         out_dir = Path(tmp) / "out"
         argv = gpu_train_argv(plan, name, hess_batch_size, dataset, out_dir)
         t0 = time.perf_counter()
-        peak_rss = spawn([sys.executable, "train.py", *argv], Path(tmp) / "train.log", timeout)
+        peak_rss = spawn([sys.executable, "train.py", *argv], Path(tmp) / "train.log", timeout, plan.threads)
         wall = time.perf_counter() - t0
         metrics = out_dir / "metrics.jsonl"
         if not metrics.exists():
@@ -651,10 +663,13 @@ def gpu_machine(device: str) -> str:
 
     parts = []
     if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        parts.append(f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB, compute capability "
-                     f"{props.major}.{props.minor}, {props.multi_processor_count} SMs, bf16 "
-                     f"{'supported' if torch.cuda.is_bf16_supported() else 'NOT supported'})")
+        try:
+            props = torch.cuda.get_device_properties(0)
+            parts.append(f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB, compute capability "
+                         f"{props.major}.{props.minor}, {props.multi_processor_count} SMs, bf16 "
+                         f"{'supported' if torch.cuda.is_bf16_supported() else 'NOT supported'})")
+        except Exception as e:  # a description is not worth a failed benchmark
+            parts.append(f"{torch.cuda.get_device_name(0)} (properties unreadable: {type(e).__name__})")
         driver = ""
         try:
             driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -666,12 +681,18 @@ def gpu_machine(device: str) -> str:
         parts.append(f"CPU: {cpu_model()}")
     parts.append(f"torch {torch.__version__}")
     try:
-        from importlib.metadata import version
-        parts.append(f"triton {version('triton')}")
+        import triton
+        parts.append(f"triton {triton.__version__}")
     except Exception:  # no triton: torch.compile cannot run on CUDA
         parts.append("no triton")
     parts.append(f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
     return ", ".join(parts)
+
+
+def shape_label(model: str) -> str:
+    shape = SHAPES[model]
+    name = f"GPT-2 {model}" if model in ("small", "medium") else model
+    return f"{name} ({shape['n_layer']} layers x {shape['n_embd']}, {shape['n_head']} heads)"
 
 
 def fmt(x, spec: str = ".1f", missing: str = "n/a") -> str:
@@ -687,9 +708,10 @@ def gpu_report(plan: GpuPlan, results: dict, hess: dict, header: dict) -> str:
     rehearsal = " (rehearsal: not a measurement)" if plan.rehearse else ""
     lines = ["# GPU benchmark: Sophia against AdamW (issue #11)", ""]
     if plan.rehearse:
-        lines += ["**Rehearsal on the CPU at a tiny size, compile=False: it runs the GPU benchmark's whole path "
-                  "(synthetic data, train.py runs, step workers, this report) to catch mistakes before a GPU is "
-                  "spent on them. Its numbers say nothing about the targets.**", ""]
+        lines += ["**Rehearsal on the CPU at a tiny size, compile=False, "
+                  f"{plan.threads or 'the default number of'} torch thread(s) per process: it runs the GPU "
+                  "benchmark's whole path (synthetic data, train.py runs, step workers, this report) to catch "
+                  "mistakes before a GPU is spent on them. Its numbers say nothing about the targets.**", ""]
     lines += [f"- Machine: {header['machine']}", f"- Command: `{header['command']}`",
               f"- Date: {header['date']}", f"- {header['progress']}", ""]
 
@@ -735,8 +757,10 @@ def gpu_report(plan: GpuPlan, results: dict, hess: dict, header: dict) -> str:
     how_peak = ("torch.cuda.max_memory_allocated while stepping" if plan.device == "cuda"
                 else "peak RSS of the worker while stepping (the interpreter and torch included)")
     lines += ["", "## Optimizer step", "",
-              (f"The optimizer step alone on GPT-2-{' and '.join(plan.step_models)} parameter shapes (model.GPTConfig, "
-               f"fp32, random gradients, a positive random Hessian EMA), device {plan.device}, a fresh process per "
+              (f"The optimizer step alone on the parameter shapes of "
+               f"{' and '.join(shape_label(m) for m in plan.step_models)} (model.GPTConfig, biases included; fp32, "
+               f"random gradients, a positive random Hessian EMA), device "
+               f"{plan.device}, a fresh process per "
                f"row: {plan.step_iters} timed steps after {plan.step_warmup} warm-up steps (which hold "
                f"torch.compile's compilation and the first counted win rate), each between two device "
                f"synchronizations. sophiag_<impl> is SophiaG(impl=<impl>); _s10 adds stats_every=10, what train.py "
@@ -838,12 +862,27 @@ def bench_gpu(args: argparse.Namespace) -> int:
     if not args.rehearse and not torch.cuda.is_available():
         raise UserError("--what gpu needs a CUDA GPU and torch.cuda.is_available() is False here; "
                         "add --rehearse to run the same path on the CPU at a tiny size")
+    if not args.rehearse:  # what would otherwise fail minutes later, inside a train.py run
+        import importlib.util
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("--what gpu runs train.py with compile=True, which needs triton on CUDA, and triton is not "
+                            "installed here; install the triton that matches this torch")
+        if not torch.cuda.is_bf16_supported():
+            raise UserError(f"--what gpu measures bf16 training and {torch.cuda.get_device_name(0)} has no bf16; "
+                            "run it on an Ampere or newer GPU")
     plan = gpu_plan(args.rehearse, args.budget_s)
+    if args.threads > 0:
+        plan = dataclasses.replace(plan, threads=args.threads)
     only = set(args.only.split(",")) | {"adamw", "adamw_fused"} if args.only else None
     train_names = [n for n, _ in GPU_TRAIN if only is None or n in only]
     step_names = [n for n in GPU_STEP if only is None or n in only]
     hess = scaled_hess_batches(plan.sequences)
-    runs = [("train", "", n) for n in train_names] + [("step", m, n) for m in plan.step_models for n in step_names]
+    # By priority, so that a deadline cuts the least wanted: the runs three targets need first.
+    first, second = plan.step_models
+    order = [("train", "", "adamw"), ("train", "", "sophiag"), ("step", first, "adamw_fused"),
+             ("step", first, "sophiag_compiled_s10"), ("train", "", "sophiah"), ("step", first, "sophiag_compiled"),
+             ("step", first, "sophiag_reference"), *(("step", second, n) for n in GPU_STEP)]
+    runs = [r for r in order if r[2] in (train_names if r[0] == "train" else step_names)]
     estimate = sum(plan.est_train_s[n] for n in train_names) + sum(
         plan.est_step_s[n] * (plan.est_medium_factor if m == plan.step_models[-1] else 1.0)
         for m in plan.step_models for n in step_names)
@@ -859,10 +898,11 @@ def bench_gpu(args: argparse.Namespace) -> int:
         print(f"[{time.monotonic() - start:5.0f} s] {message}", file=sys.stderr, flush=True)
 
     start = time.monotonic()
+    where = "" if plan.rehearse else " on one H100/H200, mostly compilation (a guess, not a measurement)"
     print(f"--what gpu{' --rehearse' if plan.rehearse else ''}: {len(runs)} runs ({len(train_names)} train.py runs of "
           f"{plan.train_label}, {plan.max_iters} iterations of {plan.tokens_per_iter:,} tokens each; "
           f"{len(step_names)} optimizers x {len(plan.step_models)} shapes in the step benchmark). Estimated "
-          f"{estimate / 60:.1f} min{' on one H100/H200, mostly compilation (a guess, not a measurement)' if not plan.rehearse else ''}; "
+          f"{estimate / 60:.1f} min{where}; "
           f"deadline {plan.budget_s / 60:.1f} min (--budget-s): runs that would pass it are stopped and reported "
           f"as such.", file=sys.stderr, flush=True)
     for name in ("sophiag", "sophiah"):
@@ -879,12 +919,16 @@ def bench_gpu(args: argparse.Namespace) -> int:
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text)
+        if args.raw is not None:
+            args.raw.write_text(json.dumps({"plan": dataclasses.asdict(plan), "results": results}, indent=1,
+                                           default=str))
         return text
 
     dataset = f"{SYNTHETIC_PREFIX}_{os.getpid()}"
     data_dir = ROOT / "data" / dataset
-    check_train_argvs({n: gpu_train_argv(plan, n, hess.get(n, (1, ""))[0], dataset, Path("out-bench-check"))
-                       for n in train_names})
+    if train_names:
+        check_train_argvs({n: gpu_train_argv(plan, n, hess.get(n, (1, ""))[0], dataset, Path("out-bench-check"))
+                           for n in train_names})
     remove_stale_synthetic()
     failed = 0
     try:
@@ -901,27 +945,29 @@ def bench_gpu(args: argparse.Namespace) -> int:
                 continue
             what = f"train {name}" if kind == "train" else f"step {model} {name}"
             log(f"{what} ...")
+            timeout = min(remaining, plan.train_cap_s if kind == "train" else plan.step_cap_s)
             try:
                 if kind == "train":
-                    r = gpu_train_run(plan, name, hess.get(name, (0, ""))[0], dataset, min(remaining, plan.train_cap_s))
+                    r = gpu_train_run(plan, name, hess.get(name, (0, ""))[0], dataset, timeout)
                     summary = f"{fmt(r['time_ms'])} ms/iteration, {r['wall_s']:.0f} s"
                 else:
-                    r = run_worker(["step", name, str(plan.step_iters), str(plan.step_warmup), "0", model, plan.device],
-                                   min(remaining, plan.step_cap_s))
+                    r = run_worker(["step", name, str(plan.step_iters), str(plan.step_warmup), "0", model,
+                                    plan.device], timeout, plan.threads)
                     summary = f"{r['step_ms']:.2f} ms/step (mean {r['step_ms_mean']:.2f})"
                 slot[name] = {**r, "status": "ok"}
                 log(f"{what}: {summary}")
-            except RunFailed as e:
+            except Exception as e:  # one run's failure costs that row, never the others or the report
                 failed += 1
-                slot[name] = {"status": f"failed: {e}".replace("|", "/")}
-                log(f"{what} FAILED: {e}\n{e.tail}")
+                deadline = isinstance(e, RunFailed) and str(e).endswith(f"timed out after {timeout:.0f} s") \
+                    and timeout == remaining
+                status = (f"stopped by the --budget-s deadline after {timeout:.0f} s" if deadline else
+                          f"failed: {e if isinstance(e, RunFailed) else f'{type(e).__name__}: {e}'}")
+                slot[name] = {"status": status.replace("|", "/").replace("\n", " ")}
+                log(f"{what} FAILED: {status}\n{getattr(e, 'tail', '')}")
             report(final=False)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-    text = report(final=True)
-    print(text)
-    if args.raw is not None:
-        args.raw.write_text(json.dumps({"plan": plan.__dict__, "results": results}, indent=1, default=str))
+    print(report(final=True))
     return 1 if failed else 0
 
 

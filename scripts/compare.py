@@ -47,10 +47,32 @@ which ignores the baseline's own seed noise and so is the less strict of the two
 at alpha on its own (no correction for several groups), and the best LR is picked on the same
 runs. Per seed, the steps its own val curve needs to reach the target are reported too.
 
+--no_train starts no run: the finished ones are summarized (and scored, below), the others
+count as "not run" (e.g. while they still train elsewhere).
+
+Downstream scores (optional): --hellaswag PATH (hellaswag_val.jsonl; --hellaswag_limit N: its
+first N examples) scores HellaSwag acc_norm and acc with scripts/eval_hellaswag.py, and
+--superglue DIR (--superglue_tasks, --superglue_limit N: the first N validation examples of each
+task) the paper's 2-shot SuperGLUE accuracies and their average with scripts/eval_downstream.py,
+on --eval_device (default auto). Scored are the runs at each group's best LR (every seed
+finished there), each run's latest checkpoint, by the eval script in a subprocess (printed;
+its output appended to the run's downstream.log; its report in hellaswag.json or
+superglue.json/.md there); results: mean ± std over the seeds in results.md's Downstream table.
+Each result is kept in the run's downstream.json under what it depends on (the data's sha256,
+limit, tasks, protocol, and the checkpoint's file, step, size and mtime), so a rerun scores only
+what is new or changed; a failed scoring is tried again next time. A run without a checkpoint
+is "no checkpoint"; a model that cannot take the data is "n/a (tokenizer)" (a character the
+vocabulary lacks: the character-level Shakespeare runs) or "n/a (block_size)" (a HellaSwag
+ending longer than the context): reported, not fatal. The latest checkpoint is the final one
+unless the config sets always_save_checkpoint=False and the last evaluation did not improve the
+val loss (then the best one): the table shows the step scored.
+
 Writes into --results_dir (default: runs_dir; several comparisons can share one runs_dir and
 so reuse each other's finished runs): results.md (tables), the plots of
 scripts/plot_compare.py, and
-results.json = {baseline, T, seeds, lr_grid, alpha, train_args, target_val_loss, groups: [one per
+results.json = {baseline, T, seeds, lr_grid, alpha, train_args, target_val_loss, downstream (null
+without --hellaswag/--superglue, else {hellaswag: {data, sha256, limit, examples}, superglue:
+{data, sha256, tasks, limit, num_fewshot, num_draws, seed}}, each only when asked for), groups: [one per
 optimizer or variant and budget: {label, optimizer, overrides, fraction, steps, config, warmup_iters, min_lr_ratio,
 best_lr, best_at_edge, val_loss_mean, val_loss_std (final val loss at the best LR over
 seeds; null if every LR had a failed run), steps_to_target, speedup (null: not reached),
@@ -63,10 +85,20 @@ diff_upper_bound (one-sided 1 - alpha confidence bound), t, df, p_one_sided, sig
 no_test (why there is none, else null; then diff_upper_bound ... significant are null)},
 reaches_target: {test, target, n, seeds_reaching (seeds whose own curve reaches the target),
 diff_mean (group - target), diff_std_err, diff_upper_bound, t, df, p_one_sided, significant,
-no_test} (both null for the baseline and for a group or baseline without a finished LR)}]}.
+no_test} (both null for the baseline and for a group or baseline without a finished LR),
+downstream (null without --hellaswag/--superglue): {hellaswag: {n (seeds scored), n_runs (seeds
+at the best LR; 0: none finished), status (why the others were not: "no checkpoint", "n/a
+(tokenizer)", "n/a (block_size)", "failed", comma-joined; null: all scored), steps (checkpoint
+steps scored), acc_norm_mean, acc_norm_std, acc_mean, acc_std (sample std over the seeds scored;
+null: none), per_seed: [{seed, out_dir, status, step, cached, and when ok acc_norm, acc, examples,
+truncated; else error}]}, superglue: {n, n_runs, status, steps, average_mean, average_std
+(accuracy as a fraction, the mean over the tasks), tasks: {task: {mean, std}}, per_seed: [{seed,
+out_dir, status, step, cached, and when ok average, tasks: {task: accuracy}, truncated: {task:
+fraction of prompts cut}}]}}}]}.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -166,10 +198,24 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads shared out over the parallel runs (default: all cores)")
+    p.add_argument("--no_train", action="store_true",
+                   help="start no training run: summarize (and score) the finished runs; others count as not run")
+    d = p.add_argument_group("downstream scores of each group's best-LR runs (cached in each run's downstream.json)")
+    d.add_argument("--hellaswag", metavar="PATH", help="HellaSwag jsonl (hellaswag_val.jsonl): acc_norm and acc")
+    d.add_argument("--hellaswag_limit", type=int, default=0, metavar="N",
+                   help="score only the first N HellaSwag examples (default 0: all)")
+    d.add_argument("--superglue", metavar="DIR",
+                   help="SuperGLUE folder of scripts/eval_downstream.py: 2-shot accuracy per task and the average")
+    d.add_argument("--superglue_tasks", default="boolq,rte,cb,copa", help="comma list (default: the paper's four)")
+    d.add_argument("--superglue_limit", type=int, default=0, metavar="N",
+                   help="score only the first N validation examples of each task (default 0: all)")
+    d.add_argument("--eval_device", default="auto", help="device of the scoring: auto, cpu, cuda, cuda:N or mps")
     args, extra = p.parse_known_args(argv)
     check_overrides(extra, "expected a runner option (see --help) or a train.py override --key=value")
     if args.jobs < 1 or args.threads < 1:
         raise UserError("--jobs and --threads must be at least 1")
+    if args.hellaswag_limit < 0 or args.superglue_limit < 0:
+        raise UserError("--hellaswag_limit and --superglue_limit must be at least 0 (0: all)")
     if not 0 < args.alpha < 0.5:
         raise UserError(f"--alpha={args.alpha:g}: a one-sided significance level needs 0 < alpha < 0.5")
     return args, extra
@@ -401,9 +447,9 @@ def command(run: Run, threads: int, resume: bool) -> tuple[list[str], dict[str, 
     return args, env
 
 
-def execute(runs: list[Run], jobs: int, threads: int) -> dict[Run, str]:
+def execute(runs: list[Run], jobs: int, threads: int, train: bool = True) -> dict[Run, str]:
     """Run what is not finished (`jobs` at a time); returns each run's state: 'done'
-    (finished before), 'ok', or 'failed (exit N)'."""
+    (finished before), 'ok', 'failed (exit N)', or with train=False 'not run'."""
     states: dict[Run, str] = {}
     todo = []
     for run in runs:
@@ -411,6 +457,9 @@ def execute(runs: list[Run], jobs: int, threads: int) -> dict[Run, str]:
         if is_finished(run):
             states[run] = "done"
             print(f"finished, not rerun: {shown(run.out_dir)}")
+        elif not train:
+            states[run] = "not run"
+            print(f"not finished, not run (--no_train): {shown(run.out_dir)}")
         else:
             todo.append(run)
     if not todo:
@@ -652,6 +701,251 @@ def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args
             "train_args": [args.config, *overrides], "target_val_loss": target, "groups": out_groups}
 
 
+# ----------------------------------------------------------------------------- downstream scores
+
+DOWNSTREAM_CACHE = "downstream.json"
+# eval script's error line -> why the benchmark does not apply to the model (kept, not retried)
+NOT_APPLICABLE = (("cannot be encoded with the model's tokenizer", "n/a (tokenizer)"),
+                  ("more than the model's block_size", "n/a (block_size)"))
+BENCHMARK_NAMES = {"hellaswag": "HellaSwag", "superglue": "SuperGLUE"}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A downstream benchmark to score runs on: 'hellaswag' (scripts/eval_hellaswag.py) or
+    'superglue' (scripts/eval_downstream.py)."""
+    name: str
+    path: str  # the data file or folder, as given
+    key: dict  # what the scores depend on besides the checkpoint: the data's sha256, limit, tasks, protocol
+    args: tuple[str, ...]  # the eval script's arguments besides --out_dir, --device and --output
+
+
+def sha256_of(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def benchmarks(args: argparse.Namespace) -> list[Benchmark]:
+    """The benchmarks --hellaswag and --superglue ask for, their data read and checked (one-line
+    errors) before any run starts. The eval scripts import torch: only when asked for."""
+    out = []
+    if args.hellaswag:
+        from scripts import eval_hellaswag
+        n = len(eval_hellaswag.read_examples(args.hellaswag))
+        n = min(n, args.hellaswag_limit) if args.hellaswag_limit else n
+        out.append(Benchmark("hellaswag", args.hellaswag,
+                             {"sha256": sha256_of([Path(args.hellaswag)]), "limit": args.hellaswag_limit,
+                              "examples": n},
+                             (f"--data={shown(Path(args.hellaswag))}", f"--limit={args.hellaswag_limit}")))
+    if args.superglue:
+        from scripts import eval_downstream
+        tasks = comma_list(args.superglue_tasks, str, "--superglue_tasks")
+        unknown = [t for t in tasks if t not in eval_downstream.TASKS]
+        if unknown or len(set(tasks)) != len(tasks):
+            raise UserError(f"--superglue_tasks={args.superglue_tasks}: each task once, from "
+                            f"{', '.join(eval_downstream.TASKS)}")
+        if not Path(args.superglue).is_dir():
+            raise UserError(f"--superglue {args.superglue} is not a directory; point it at a folder with "
+                            f"<task>/train.jsonl and <task>/val.jsonl")
+        files = []
+        for task in tasks:
+            eval_downstream.load_task_data(args.superglue, task)  # fields and labels checked
+            folder = eval_downstream.task_folder(args.superglue, task)
+            files += [folder / "train.jsonl", folder / "val.jsonl"]
+        protocol = {k: eval_downstream.DEFAULTS[k] for k in ("num_fewshot", "num_draws", "seed")}
+        out.append(Benchmark("superglue", args.superglue,
+                             {"sha256": sha256_of(files), "tasks": tasks, "limit": args.superglue_limit, **protocol},
+                             (f"--data_dir={shown(Path(args.superglue))}", f"--tasks={','.join(tasks)}",
+                              f"--limit={args.superglue_limit}")))
+    return out
+
+
+def latest_checkpoint(out_dir: Path) -> dict | None:
+    """The checkpoint an eval script scores (the latest ckpt_<step>.pt) as {file, step, size,
+    mtime_ns}: a changed checkpoint is scored again. None: the run saved none."""
+    paths = sorted(out_dir.glob("ckpt_*.pt"))
+    if not paths:
+        return None
+    stat = paths[-1].stat()
+    return {"file": paths[-1].name, "step": int(paths[-1].stem.removeprefix("ckpt_")), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns}
+
+
+def score(bench: Benchmark, out_dir: Path, args: argparse.Namespace) -> dict:
+    """Score out_dir's latest checkpoint on a benchmark with its eval script, in a subprocess
+    (its memory is freed when it ends; its output is appended to out_dir/downstream.log).
+    Returns {"status": "ok", scores...}, or the status "n/a (tokenizer)" / "n/a (block_size)"
+    (the model cannot take the data) or "failed", with the script's error line."""
+    if bench.name == "hellaswag":
+        output = out_dir / "hellaswag.json"  # the eval script's report, every example's scores
+        module, written = "scripts.eval_hellaswag", output
+    else:
+        output = out_dir / "superglue"  # superglue.json and superglue.md
+        module, written = "scripts.eval_downstream", output.with_suffix(".json")
+    argv = [sys.executable, "-m", module, f"--out_dir={shown(out_dir)}", *bench.args,
+            f"--device={args.eval_device}", f"--output={shown(output)}"]
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    print("$ (downstream) " + " ".join(f"{k}={v}" for k, v in env.items()) + " python " + shlex.join(argv[1:]),
+          flush=True)
+    written.unlink(missing_ok=True)
+    log_path = out_dir / "downstream.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
+    t0 = time.perf_counter()
+    with open(log_path, "a") as log:
+        code = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                              check=False).returncode
+    with open(log_path, errors="replace") as log:
+        log.seek(start)
+        errors = [line.strip() for line in log.read().replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    if code != 0 or not written.is_file():
+        error = errors[-1].removeprefix("error: ") if errors else f"exit {code}, see {shown(log_path)}"
+        status = next((s for fragment, s in NOT_APPLICABLE if fragment in error), "failed")
+        print(f"  {bench.name} of {shown(out_dir)}: {status}: {error}", flush=True)
+        return {"status": status, "error": error}
+    report = json.loads(written.read_text())
+    print(f"  {bench.name} of {shown(out_dir)}: scored in {time.perf_counter() - t0:.1f}s", flush=True)
+    if bench.name == "hellaswag":
+        return {"status": "ok", **{k: report[k] for k in ("acc_norm", "acc", "examples", "truncated")}}
+    tasks = {name: r["accuracy"] for name, r in report["tasks"].items()}
+    return {"status": "ok", "average": statistics.fmean(tasks.values()), "tasks": tasks,
+            "truncated": {name: r["truncated"] for name, r in report["tasks"].items()}}
+
+
+def read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: score again
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def run_scores(run: Run, benches: list[Benchmark], args: argparse.Namespace) -> dict[str, dict]:
+    """{benchmark: result} of a finished run's latest checkpoint: from out_dir/downstream.json
+    when it holds a result for the same checkpoint, data and settings, else scored (and the
+    result kept there, unless the scoring failed). Each result has status, step (of the
+    checkpoint; None without one), cached, and when ok the scores."""
+    checkpoint = latest_checkpoint(run.out_dir)
+    if checkpoint is None:
+        return {b.name: {"status": "no checkpoint", "step": None, "cached": False} for b in benches}
+    cache_path = run.out_dir / DOWNSTREAM_CACHE
+    cache, out = read_cache(cache_path), {}
+    for bench in benches:
+        key = json.loads(json.dumps({**bench.key, "checkpoint": checkpoint}))
+        entry = cache.get(bench.name)
+        if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("result"), dict):
+            out[bench.name] = {**entry["result"], "cached": True}
+            continue
+        result = {**score(bench, run.out_dir, args), "step": checkpoint["step"]}
+        if result["status"] != "failed":  # a failure may be passing (memory, a device): tried again next time
+            cache = {**read_cache(cache_path), bench.name: {"key": key, "data": bench.path, "result": result}}
+            tmp = cache_path.with_name(cache_path.name + ".tmp")
+            tmp.write_text(json.dumps(cache, indent=1) + "\n")
+            os.replace(tmp, cache_path)
+        out[bench.name] = {**result, "cached": False}
+    return out
+
+
+def group_downstream(bench: Benchmark, best_runs: list[Run], scores: dict[Run, dict[str, dict]],
+                     runs_dir: Path) -> dict:
+    """A group's scores on one benchmark at its best LR: mean and std over the seeds scored."""
+    per_seed = [{"seed": r.seed, "out_dir": str(r.out_dir.relative_to(runs_dir)), **scores[r][bench.name]}
+                for r in best_runs]
+    ok = [s for s in per_seed if s["status"] == "ok"]
+    missing = sorted({s["status"] for s in per_seed if s["status"] != "ok"})
+    row = {"n": len(ok), "n_runs": len(per_seed), "status": ", ".join(missing) or None,
+           "steps": sorted({s["step"] for s in ok})}
+    metrics = ("acc_norm", "acc") if bench.name == "hellaswag" else ("average",)
+    for metric in metrics:
+        row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([s[metric] for s in ok])
+    if bench.name == "superglue":
+        row["tasks"] = {}
+        for task in bench.key["tasks"]:
+            mean, std = mean_std([s["tasks"][task] for s in ok])
+            row["tasks"][task] = {"mean": mean, "std": std}
+    return {**row, "per_seed": per_seed}
+
+
+def add_downstream(results: dict, groups: list[Group], runs: list[Run], benches: list[Benchmark],
+                   args: argparse.Namespace) -> None:
+    """Score the runs at each group's best LR (every seed finished there) and put the scores
+    into results: results["downstream"] (what was scored) and each group's "downstream"."""
+    results["downstream"] = {b.name: {"data": b.path, **b.key} for b in benches} or None
+    runs_dir = Path(args.runs_dir)
+    for group, row in zip(groups, results["groups"]):
+        best_runs = [r for r in runs if r.group == group and r.lr == row["best_lr"]] if benches else []
+        scores = {r: run_scores(r, benches, args) for r in best_runs}
+        row["downstream"] = {b.name: group_downstream(b, best_runs, scores, runs_dir) for b in benches} or None
+
+
+def fmt_score(cell: dict, mean: float | None, std: float | None, scale: float = 1.0, digits: int = 4) -> str:
+    """A downstream table cell: mean ± std over the seeds scored; why none was; or — (no LR at
+    which every seed finished)."""
+    if cell["n_runs"] == 0:
+        return "—"
+    return cell["status"] if cell["n"] == 0 else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def fmt_scored(cells: dict[str, dict]) -> str:
+    """The seeds-scored cell: "n of N" and why not the others, per benchmark when they differ."""
+    texts = {}
+    for name, c in cells.items():
+        why = f", {c['status']}" if c["status"] else ""
+        texts[name] = "—" if c["n_runs"] == 0 else f"{c['n']} of {c['n_runs']}{why}"
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return "; ".join(f"{BENCHMARK_NAMES[name]} {text}" for name, text in texts.items())
+
+
+def downstream_lines(results: dict) -> list[str]:
+    """results.md's downstream section: each group's scores at its best LR ([] if none asked for)."""
+    benches = results.get("downstream")
+    if not benches:
+        return []
+    hs, sg = benches.get("hellaswag"), benches.get("superglue")
+    text = ("Each optimizer at its best LR (by final val loss): the latest checkpoint of each seed's run, "
+            "mean ± std (sample, over the seeds scored). ")
+    header, rule = "| optimizer | steps | best LR | checkpoint step | seeds scored |", "|---|---:|---:|---:|---|"
+    if hs:
+        first = "the first " if hs["limit"] else ""
+        text += (f"HellaSwag: {hs['data']} ({first}{hs['examples']} examples), llm.c's completion scoring "
+                 "(scripts/eval_hellaswag.py): acc_norm picks the ending with the highest mean log-likelihood per "
+                 "token, acc the highest sum; chance is 0.25. ")
+        header, rule = header + " HellaSwag acc_norm | HellaSwag acc |", rule + "---|---|"
+    if sg:
+        limit = f", the first {sg['limit']} validation examples of each" if sg["limit"] else ""
+        text += (f"SuperGLUE: {sg['data']} ({', '.join(sg['tasks'])}{limit}), the paper's {sg['num_fewshot']}-shot "
+                 f"prompts, accuracy in % averaged over {sg['num_draws']} exemplar draws (scripts/eval_downstream.py); "
+                 "avg is the mean over the tasks. ")
+        header += " SuperGLUE avg (%) |" + "".join(f" {task} (%) |" for task in sg["tasks"])
+        rule += "---|" * (1 + len(sg["tasks"]))
+    text += ("Checkpoint step: of the checkpoints scored; below the run's steps when the config sets "
+             "always_save_checkpoint=False and the val loss did not improve at the end (the latest checkpoint is "
+             "then the best). Scores are kept in each run's downstream.json and redone when its checkpoint, the "
+             "data or the settings change. n/a (tokenizer): the data has characters the model's vocabulary lacks; "
+             "n/a (block_size): a HellaSwag ending is longer than the model's context.")
+    lines = ["", "## Downstream", "", text, "", header, rule]
+    for row in results["groups"]:
+        cells = row["downstream"]
+        steps = sorted({s for cell in cells.values() for s in cell["steps"]})
+        best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}"
+        steps_cell = ", ".join(map(str, steps)) or "—"
+        line = f"| {row['label']} | {row['steps']} | {best} | {steps_cell} | {fmt_scored(cells)} |"
+        if hs:
+            cell = cells["hellaswag"]
+            line += (f" {fmt_score(cell, cell['acc_norm_mean'], cell['acc_norm_std'])} |"
+                     f" {fmt_score(cell, cell['acc_mean'], cell['acc_std'])} |")
+        if sg:
+            cell = cells["superglue"]
+            line += f" {fmt_score(cell, cell['average_mean'], cell['average_std'], 100, 1)} |"
+            line += "".join(f" {fmt_score(cell, t['mean'], t['std'], 100, 1)} |" for t in cell["tasks"].values())
+        lines.append(line)
+    return lines
+
+
+# ----------------------------------------------------------------------------- results.md
+
 def fmt_loss(mean: float | None, std: float | None) -> str:
     return "failed" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
@@ -774,6 +1068,7 @@ def markdown(results: dict, plots: list[Path]) -> str:
         lines += ["", "Variants: " + "; ".join(f"{row['label']} = {shlex.join([row['optimizer'], *row['overrides']])}"
                                                 for row in variants) + "."]
     lines += significance_lines(results)
+    lines += downstream_lines(results)
     lines += [
         "", "## Every learning rate", "",
         "| optimizer | steps | LR | final val loss (mean ± std) | per seed |", "|---|---:|---:|---|---|",
@@ -792,16 +1087,19 @@ def markdown(results: dict, plots: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run (or resume) the comparison, write results.json, results.md and the plots; returns the results."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    benches = benchmarks(args)  # the downstream data read and checked before anything runs
     groups, runs = plan(args, overrides)
     for g in groups:
         definition = f" = {shlex.join([g.optimizer, *g.overrides])}" if g.overrides else ""
         print(f"{g.label}{definition} x {g.fraction:g}T = {g.steps} steps, warmup {g.warmup_iters}, {g.config}, "
               f"LRs {', '.join(f'{lr:.3g}' for lr in g.lrs)}")
-    dataset = resolve([groups[0].config, *overrides])["dataset"]
-    prepare_dataset(ROOT / "data" / dataset)  # once, not racing in parallel runs
-    states = execute(runs, args.jobs, args.threads)
+    if not args.no_train:
+        dataset = resolve([groups[0].config, *overrides])["dataset"]
+        prepare_dataset(ROOT / "data" / dataset)  # once, not racing in parallel runs
+    states = execute(runs, args.jobs, args.threads, train=not args.no_train)
     out = Path(args.results_dir or args.runs_dir)
     results = summarize(groups, runs, states, args, overrides)
+    add_downstream(results, groups, runs, benches, args)
     plots = plot_all(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results, plots))

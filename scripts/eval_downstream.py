@@ -172,11 +172,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def task_folder(data_dir: str | Path, name: str) -> Path:
+    """The folder of a task's train.jsonl and val.jsonl in data_dir, in any case (SuperGLUE's
+    download has BoolQ/, CB/, COPA/, RTE/); data_dir/name when there is none."""
+    return next((p for p in sorted(Path(data_dir).iterdir()) if p.is_dir() and p.name.lower() == name),
+                Path(data_dir) / name)
+
+
 def load_task_data(data_dir: str | Path, name: str) -> tuple[list[dict], list[dict]]:
     """(train, val) examples of a task, checked to have the fields and label it needs. The
     task's folder may be spelled as in the SuperGLUE download (BoolQ/, CB/, COPA/, RTE/)."""
-    folder = next((p for p in sorted(Path(data_dir).iterdir()) if p.is_dir() and p.name.lower() == name),
-                  Path(data_dir) / name)
+    folder = task_folder(data_dir, name)
     train, val = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "val.jsonl")
     task = TASKS[name]
     for split, rows in (("train", train), ("val", val)):

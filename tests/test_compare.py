@@ -4,8 +4,12 @@ scripts/toy_landscape.py.
 
 The end-to-end test runs real train.py subprocesses on a 1-layer, width-32 model for 10
 steps; everything else works on synthetic metrics, so the file takes well under a minute.
+Downstream scores (--hellaswag, --superglue) run the real eval scripts on a tiny GPT-2 BPE
+checkpoint copied into synthetic runs, and on the end-to-end test's character-level runs.
 """
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -21,6 +25,8 @@ BASE = str(ROOT / "config" / "train_shakespeare_char.py")
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--eval_interval=5", "--log_interval=5", "--hess_batch_size=2", "--hess_interval=2"]
 PLOTS = ("val_loss.png", "lr_sweep.png", "sophia_stats.png", "grad_clip.png")
+HELLASWAG = ROOT / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.jsonl"
+SUPERGLUE = ROOT / "tests" / "fixtures" / "superglue"
 GROUP_FIELDS = {"optimizer", "fraction", "steps", "config", "warmup_iters", "best_lr", "best_at_edge",
                 "val_loss_mean", "val_loss_std", "lrs", "steps_to_target", "speedup", "per_seed", "vs_baseline",
                 "reaches_target"}
@@ -351,6 +357,20 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     assert "win_rate" in group(saved, "sophiag")["train_stats"]
     assert saved["alpha"] == 0.05 and group(saved, "sophiag")["vs_baseline"]["no_test"] == "n = 1: no test"
 
+    # HellaSwag on the character-level runs: a character their vocabulary lacks makes it n/a, not an error.
+    example = json.loads(HELLASWAG.read_text().splitlines()[0])
+    unencodable = tmp_path / "hellaswag.jsonl"
+    unencodable.write_text(json.dumps({**example, "ctx": example["ctx"] + " 100% sure,"}) + "\n")
+    scored = compare.main(argv + ["--no_train", "--hellaswag", str(unencodable), "--eval_device=cpu"])
+    assert "$ python" not in capsys.readouterr().out
+    for row in scored["groups"]:
+        cell = row["downstream"]["hellaswag"]
+        assert (cell["n"], cell["n_runs"], cell["status"], cell["acc_norm_mean"]) == (0, 1, "n/a (tokenizer)", None)
+        assert "cannot be encoded" in cell["per_seed"][0]["error"] and cell["per_seed"][0]["step"] in (5, 10)
+    best = group(scored, "adamw")["best_lr"]
+    assert f"| adamw | 10 | {best:.3g} | — | 0 of 1, n/a (tokenizer) | n/a (tokenizer) | n/a (tokenizer) |" in (
+        runs_dir / "results.md").read_text()
+
     # Make one run unfinished: drop its final evaluation, as a kill just before it would.
     redo = runs_dir / group(saved, "sophiag")["lrs"][0]["runs"][0]["out_dir"]
     lines = (redo / "metrics.jsonl").read_text().splitlines()
@@ -361,6 +381,11 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
                         else started.append(argv) or compare.subprocess.CompletedProcess(argv, 0))
 
+    # --no_train starts nothing: the unfinished run counts as not run.
+    partial = compare.main(argv + ["--no_train"])
+    assert started == [] and "not finished, not run (--no_train): " in capsys.readouterr().out
+    assert [r["state"] for r in group(partial, "sophiag")["lrs"][0]["runs"]] == ["not run"]
+
     compare.main(argv)
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if line.startswith("$ ")]
@@ -368,6 +393,145 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     assert len(commands) == 1 and commands[0].startswith("$ (resume)") and "--init_from=auto" in commands[0]
     assert len(started) == 1 and started[0][-2:] == [f"--out_dir={redo}", "--init_from=auto"]
     assert {p: p.stat().st_mtime_ns for p in others} == others
+
+
+# ----------------------------------------------------------------------------- downstream scores
+
+@pytest.fixture(scope="module")
+def bpe_checkpoint(tmp_path_factory) -> Path:
+    """A GPT-2 BPE checkpoint (test_eval_downstream's tiny model on data/shakespeare), trained at step 4."""
+    import train
+    from tests.test_eval_downstream import TINY as TINY_EVAL
+    out_dir = tmp_path_factory.mktemp("bpe")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main([*TINY_EVAL, "--dataset=shakespeare", f"--out_dir={out_dir}"])
+    return next(out_dir.glob("ckpt_*.pt"))
+
+
+def test_downstream_scores_of_finished_runs_are_cached_in_each_run(tmp_path, capsys, monkeypatch, bpe_checkpoint):
+    """Synthetic finished runs, adamw's with a real checkpoint, sophiag's without: HellaSwag and
+    SuperGLUE are scored by the eval scripts (subprocesses) on adamw's, sophiag's are "no
+    checkpoint"; a second call reads downstream.json; a new checkpoint or another limit is scored again."""
+    from scripts import eval_downstream, eval_hellaswag
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--optimizers", "adamw,sophiag", "--steps", "10", "--lr_grid", "1", "--seeds", "1",
+            "--runs_dir", str(runs_dir), "--hess_batch_size=6", "--dataset=shakespeare", "--eval_device=cpu",
+            "--hellaswag", str(HELLASWAG), "--hellaswag_limit", "3",
+            "--superglue", str(SUPERGLUE), "--superglue_tasks", "rte,copa", "--superglue_limit", "2"]
+    _, runs = compare.plan(*compare.parse_args(argv))
+    for run in runs:
+        write_metrics(run.out_dir, {0: 4.0, run.group.steps: 2.0})
+    adamw_dir = next(r.out_dir for r in runs if r.group.label == "adamw")
+    shutil.copy(bpe_checkpoint, adamw_dir)
+
+    results = compare.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("$ (downstream) ") == 2 and "python -m scripts.eval_hellaswag --out_dir=" in out
+    assert results["downstream"]["hellaswag"]["examples"] == 3
+    assert results["downstream"]["superglue"]["tasks"] == ["rte", "copa"]
+    adamw, sophiag = group(results, "adamw"), group(results, "sophiag")
+    hellaswag, superglue = adamw["downstream"]["hellaswag"], adamw["downstream"]["superglue"]
+    # The eval scripts' own numbers on the same checkpoint.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        own_hs = eval_hellaswag.main([f"--out_dir={adamw_dir}", f"--data={HELLASWAG}", "--limit=3", "--device=cpu"])
+        own_sg = eval_downstream.main([f"--out_dir={adamw_dir}", f"--data_dir={SUPERGLUE}", "--tasks=rte,copa",
+                                       "--limit=2", "--device=cpu", f"--output={tmp_path / 'own'}"])
+    assert (hellaswag["n"], hellaswag["n_runs"], hellaswag["status"], hellaswag["steps"]) == (1, 1, None, [4])
+    assert hellaswag["acc_norm_mean"] == own_hs["acc_norm"] and hellaswag["acc_mean"] == own_hs["acc"]
+    assert hellaswag["acc_norm_std"] == 0.0 and hellaswag["per_seed"][0]["examples"] == 3
+    tasks = {name: r["accuracy"] for name, r in own_sg["tasks"].items()}
+    assert superglue["tasks"] == {name: {"mean": acc, "std": 0.0} for name, acc in tasks.items()}
+    assert superglue["average_mean"] == pytest.approx(statistics.fmean(tasks.values()))
+    for cell in sophiag["downstream"].values():
+        assert (cell["n"], cell["n_runs"], cell["status"]) == (0, 1, "no checkpoint")
+        assert cell["per_seed"] == [{"seed": 1, "out_dir": "sophiag_T5_lr0.0005_s1", "status": "no checkpoint",
+                                     "step": None, "cached": False}]
+    md = (runs_dir / "results.md").read_text()
+    section = md.split("## Downstream")[1].split("## Every")[0]
+    assert ("| optimizer | steps | best LR | checkpoint step | seeds scored | HellaSwag acc_norm | HellaSwag acc | "
+            "SuperGLUE avg (%) | rte (%) | copa (%) |") in section
+    assert (f"| adamw | 10 | 0.004 | 4 | 1 of 1 | {own_hs['acc_norm']:.4f} ± 0.0000 | {own_hs['acc']:.4f} ± 0.0000 | "
+            f"{100 * statistics.fmean(tasks.values()):.1f} ± 0.0 | {100 * tasks['rte']:.1f} ± 0.0 |") in section
+    assert ("| sophiag | 5 | 0.0005 | — | 0 of 1, no checkpoint | no checkpoint | no checkpoint | no checkpoint | "
+            "no checkpoint | no checkpoint |") in section
+    assert "(the first 3 examples)" in section and "the first 2 validation examples of each" in section
+    assert json.loads((runs_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+    cache = json.loads((adamw_dir / "downstream.json").read_text())
+    assert cache["hellaswag"]["key"]["checkpoint"]["file"] == bpe_checkpoint.name and cache["superglue"]["result"]
+
+    # Rerun: nothing is scored again; then a new checkpoint, or another limit, is scored again.
+    calls = []
+
+    def fake_score(bench, out_dir, args):
+        calls.append((bench.name, out_dir.name, bench.key["limit"]))
+        return {"status": "ok", "acc_norm": 0.5, "acc": 0.25, "examples": 3, "truncated": 0}
+
+    monkeypatch.setattr(compare, "score", fake_score)
+    again = compare.main(argv)
+    assert calls == [] and "$ (downstream)" not in capsys.readouterr().out
+    assert group(again, "adamw")["downstream"]["hellaswag"]["acc_norm_mean"] == own_hs["acc_norm"]
+    assert group(again, "adamw")["downstream"]["hellaswag"]["per_seed"][0]["cached"] is True
+    shutil.copy(bpe_checkpoint, adamw_dir / "ckpt_00000010.pt")
+    hellaswag_only = argv[:argv.index("--superglue")]
+    changed = compare.main(hellaswag_only)  # at the new checkpoint
+    assert calls == [("hellaswag", adamw_dir.name, 3)]
+    assert group(changed, "adamw")["downstream"]["hellaswag"]["steps"] == [10]
+    assert "superglue" not in group(changed, "adamw")["downstream"]
+    compare.main([a if a != "3" else "2" for a in hellaswag_only])
+    assert calls[1:] == [("hellaswag", adamw_dir.name, 2)]
+    assert json.loads((adamw_dir / "downstream.json").read_text())["superglue"] == cache["superglue"]  # kept
+
+
+def test_downstream_mean_and_std_over_seeds_at_the_best_lr(tmp_path, monkeypatch):
+    """Scores chosen by a stand-in scorer: mean ± sample std over the seeds at each group's best
+    LR only; a seed the benchmark does not apply to is left out and said; failures are not kept."""
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--optimizers", "adamw,sophiag", "--steps", "10", "--lrs", "adamw=1e-3,2e-3",
+            "--lrs", "sophiag=1e-3,2e-3", "--seeds", "1,2,3", "--runs_dir", str(runs_dir), "--hess_batch_size=6",
+            "--hellaswag", str(HELLASWAG), "--superglue", str(SUPERGLUE), "--superglue_tasks", "cb"]
+    for run in compare.plan(*compare.parse_args(argv))[1]:
+        write_metrics(run.out_dir, {0: 4.0, run.group.steps: 2.0 if run.lr == 1e-3 else 2.5})
+        (run.out_dir / f"ckpt_{run.group.steps:08d}.pt").write_bytes(b"stand-in")
+    acc_norm = {("adamw", 1): 0.30, ("adamw", 2): 0.32, ("adamw", 3): 0.34, ("sophiag", 1): 0.40, ("sophiag", 2): 0.44}
+    calls, fail_once = [], {("adamw", 3)}
+
+    def fake_score(bench, out_dir, args):
+        label, seed = out_dir.name.split("_")[0], int(out_dir.name[-1])
+        calls.append((bench.name, out_dir.name))
+        assert "_lr0.001_" in out_dir.name  # the best LR's runs only
+        if bench.name == "superglue":
+            return {"status": "ok", "average": 0.5 + 0.1 * seed, "tasks": {"cb": 0.5 + 0.1 * seed},
+                    "truncated": {"cb": 0.0}}
+        if (label, seed) == ("sophiag", 3):
+            return {"status": "n/a (tokenizer)", "error": "example 0 cannot be encoded with the model's tokenizer"}
+        if (label, seed) in fail_once:
+            fail_once.remove((label, seed))
+            return {"status": "failed", "error": "CUDA out of memory"}
+        return {"status": "ok", "acc_norm": acc_norm[label, seed], "acc": acc_norm[label, seed] - 0.1,
+                "examples": 4, "truncated": 0}
+
+    monkeypatch.setattr(compare, "score", fake_score)
+    first = compare.main(argv)
+    assert len(calls) == 12  # 2 groups x 3 seeds x 2 benchmarks
+    cell = group(first, "adamw")["downstream"]["hellaswag"]
+    assert (cell["n"], cell["status"], cell["acc_norm_mean"]) == (2, "failed", pytest.approx(0.31))
+    assert cell["per_seed"][2]["error"] == "CUDA out of memory"
+    second = compare.main(argv)  # only the failed scoring is tried again
+    assert calls[12:] == [("hellaswag", "adamw_T10_lr0.001_s3")]
+    adamw, sophiag = (group(second, name)["downstream"] for name in ("adamw", "sophiag"))
+    assert adamw["hellaswag"]["acc_norm_mean"] == pytest.approx(0.32)
+    assert adamw["hellaswag"]["acc_norm_std"] == pytest.approx(0.02)
+    assert adamw["hellaswag"]["acc_mean"] == pytest.approx(0.22) and adamw["hellaswag"]["status"] is None
+    assert (sophiag["hellaswag"]["n"], sophiag["hellaswag"]["status"]) == (2, "n/a (tokenizer)")
+    assert sophiag["hellaswag"]["acc_norm_mean"] == pytest.approx(0.42)
+    assert sophiag["hellaswag"]["acc_norm_std"] == pytest.approx(statistics.stdev([0.40, 0.44]))
+    assert adamw["superglue"]["average_mean"] == pytest.approx(0.7)
+    assert adamw["superglue"]["tasks"]["cb"]["std"] == pytest.approx(0.1)
+    md = (runs_dir / "results.md").read_text()
+    assert ("| adamw | 10 | 0.001 | 10 | 3 of 3 | 0.3200 ± 0.0200 | 0.2200 ± 0.0200 | 70.0 ± 10.0 | "
+            "70.0 ± 10.0 |") in md
+    assert ("| sophiag | 5 | 0.001 | 5 | HellaSwag 2 of 3, n/a (tokenizer); SuperGLUE 3 of 3 | 0.4200 ± 0.0283 | "
+            "0.3200 ± 0.0283 | 70.0 ± 10.0 | 70.0 ± 10.0 |") in md
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -386,6 +550,10 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     (["--variant", "k1=sophiag --batch_size=24"], "k1 (config/train_shakespeare_char_sophiag.py) sets batch_size=24"),
     (["--variant", "k1=sophiag", "--variant", "k1=sophiah"], "a label is used twice"),
     (["--baseline", "k2", "--variant", "k1=sophiag"], "nor a --variant label"),
+    (["--hellaswag", "nowhere/hellaswag_val.jsonl"], "nowhere/hellaswag_val.jsonl not found"),
+    (["--hellaswag_limit", "-1"], "--hellaswag_limit and --superglue_limit must be at least 0"),
+    (["--superglue", "nowhere"], "--superglue nowhere is not a directory"),
+    (["--superglue", str(SUPERGLUE), "--superglue_tasks", "rte,mnli"], "--superglue_tasks=rte,mnli: each task once"),
 ])
 def test_refuses_bad_arguments_before_running(tmp_path, capsys, extra, message):
     argv = [BASE, "--optimizers", "adamw,sophiag", "--lr_grid", "1,2", "--runs_dir", str(tmp_path / "runs"),

@@ -261,6 +261,9 @@ def write_bad_input(folder: Path, case: str) -> str:
         pq.write_table(pa.table({"text": good}), folder / "a.parquet")
         (folder / "b.parquet").write_bytes(b"PAR1 not really parquet")
         return str(folder / "*.parquet")
+    if case == "null_text":
+        pq.write_table(pa.table({"text": pa.array(good + [None], pa.string())}), folder / "a.parquet")
+        return str(folder / "*.parquet")
     raise ValueError(case)
 
 
@@ -272,6 +275,7 @@ def write_bad_input(folder: Path, case: str) -> str:
     ("non_utf8_jsonl", ["bad.jsonl is not UTF-8 text (line 2: byte 0xe9"]),
     ("bad_json_document", ["bad.json is not JSON (line 3, column"]),
     ("damaged_parquet", ["b.parquet cannot be read as parquet (ArrowInvalid", "--skip_bad_files"]),
+    ("null_text", ["column 'text' of local files", "has 1 missing (null) value(s)"]),
 ])
 def test_openwebtext_bad_input_is_one_line_and_keeps_the_old_dataset(owt_prepared, tmp_path, capsys, case,
                                                                      fragments):
@@ -334,6 +338,8 @@ def test_openwebtext_failure_while_writing_val_keeps_the_old_train_bin(owt_prepa
     (["--data_files", "corpus.jsonl"], "--data_files needs --out_dir"),
     (["--dataset", "someone/corpus"], "--dataset someone/corpus needs --out_dir"),
     (["--dataset", "someone/corpus", "--data_files", "corpus.jsonl", "--out_dir", "x"], "not both"),
+    (["--data_files", "corpus.jsonl", "--out_dir", " "], "--out_dir is empty"),
+    (["--data_files", "corpus.jsonl", "--out_dir", ""], "--out_dir is empty"),
 ])
 def test_openwebtext_other_corpora_need_their_own_out_dir(tmp_path, capsys, monkeypatch, argv, fragment):
     """Only OpenWebText itself goes to the default folder (data/openwebtext, here a stand-in)."""
@@ -342,7 +348,7 @@ def test_openwebtext_other_corpora_need_their_own_out_dir(tmp_path, capsys, monk
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "corpus.jsonl", owt_documents(10))
     expect_one_line_error(capsys, openwebtext.main, owt_main(tmp_path, "--min_val_tokens", "0", *argv), fragment)
-    assert not default.exists() and not (tmp_path / "x").exists()
+    assert not default.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
 
 
 def test_openwebtext_too_small_for_the_val_minimum(tmp_path, capsys, quiet_datasets):

@@ -477,3 +477,16 @@ def test_fsdp_hessian_estimate_non_finite_on_one_shard_is_dropped_on_every_rank(
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(result["hessian"], torch.full((2, 3), 0.01)), rank  # the first estimate only
         assert result["stats"]["skipped_estimates"] == 1
+
+
+@pytest.mark.slow
+def test_fsdp_with_compile_compiles_each_block_and_trains_like_eager_fsdp(two_ranks, tmp_path):
+    """fsdp=True, compile=True: each block is compiled before it is sharded (the root is not),
+    and the run ends where the eager sharded run ends, to compiled-vs-eager tolerance."""
+    compiled = launch({"fsdp-compiled": [*OPTIMIZERS["sophiag"], "--fsdp=True", "--compile=True"]}, tmp_path,
+                      timeout=600)["fsdp-compiled"]
+    eager = two_ranks["fsdp-sophiag"]
+    assert [r["iter"] for r in compiled.records("eval")] == [0, 6, 12]
+    for x, y in zip(compiled.records("eval"), eager.records("eval"), strict=True):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-3)
+    assert_state_close(compiled.checkpoint()["model"], eager.checkpoint()["model"], "model", rtol=1e-2, atol=1e-3)

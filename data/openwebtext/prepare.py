@@ -271,7 +271,7 @@ def write_ids(dset: datasets.Dataset, path: Path, shards: int, name: str) -> int
 
 
 @contextmanager
-def output_dir(path: Path, option: str = "--out_dir") -> Iterator[Path]:
+def output_dir(path: str | Path, option: str = "--out_dir") -> Iterator[Path]:
     """writable_dir(path, option) for the block; a folder created here is removed again when the
     block fails and leaves it empty, so a failed first preparation leaves nothing behind."""
     created = not Path(path).exists()
@@ -285,7 +285,7 @@ def output_dir(path: Path, option: str = "--out_dir") -> Iterator[Path]:
 
 
 def prepare(
-    out_dir: Path = HERE,
+    out_dir: str | Path = HERE,
     dataset: str = DEFAULT_DATASET,
     data_files: str | None = None,
     text_column: str = "text",
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("--dataset", help=f"script-free Hugging Face dataset (default: {DEFAULT_DATASET}); "
                           "another one needs --out_dir")
     add("--data_files", help="glob of local .txt/.json/.jsonl/.parquet files instead of --dataset; needs --out_dir")
-    add("--out_dir", type=Path, help="where the .bin files go (default: this folder, data/openwebtext, "
+    add("--out_dir", help="where the .bin files go (default: this folder, data/openwebtext, "
                                      "for OpenWebText only)")
     add("--skip_bad_files", action="store_true",
         help="leave out local files that cannot be read, one warning each (default: refuse, naming the file); "
@@ -381,11 +381,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.data_files and args.dataset:
             raise UsageError("give --dataset or --data_files, not both")
+        if args.out_dir is not None and not args.out_dir.strip():  # "" would be "." as a Path
+            raise UsageError("--out_dir is empty; give a folder name")
         if args.out_dir is None and (args.data_files or args.dataset not in (None, DEFAULT_DATASET)):
             what = "--data_files" if args.data_files else f"--dataset {args.dataset}"
             raise UsageError(f"{what} needs --out_dir (the default {HERE} is for OpenWebText itself); "
                              "name the folder to write, e.g. --out_dir=data/my_corpus")
-        out_dir = args.out_dir or HERE
+        out_dir = HERE if args.out_dir is None else args.out_dir
         meta = prepare(**{**vars(args), "out_dir": out_dir, "dataset": args.dataset or DEFAULT_DATASET})
     except (UsageError, UserError) as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
