@@ -75,9 +75,10 @@ class Sophia(torch.optim.Optimizer):
             torch._dynamo's recompile limit (8 graphs by default, e.g. after many models in
             one process) torch warns and runs the same function eagerly, i.e. the reference.
         stats_every: count the unclipped coordinates (stats()["win_rate"]) on every
-            stats_every-th step only, e.g. the logging interval: the count is one more read
-            of m and h per step, about a quarter of the compiled update's memory traffic.
-            win_rate is then the fraction over the counted steps.
+            stats_every-th step, e.g. the logging interval (train.py's choice); None (the
+            default) never counts, so stats()["win_rate"] is NaN. A count is one more read of
+            m and h, about a quarter of the compiled update's memory traffic; win_rate is the
+            fraction over the counted steps.
         clip: ablation only; False updates by lr m / max(rho h, eps) unclipped.
         sqrt_hessian: ablation only; True divides by max(rho sqrt(h), eps): feed it squared
             estimates for an AdaHessian-style pre-conditioner.
@@ -95,7 +96,7 @@ class Sophia(torch.optim.Optimizer):
 
     def __init__(self, params: ParamsT, *, lr: float = 1e-4, betas: tuple[float, float] = (0.96, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, eps: float = 1e-12,
-                 maximize: bool = False, impl: str = "auto", stats_every: int = 1,
+                 maximize: bool = False, impl: str = "auto", stats_every: int | None = None,
                  clip: bool = True, sqrt_hessian: bool = False) -> None:
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
@@ -108,8 +109,8 @@ class Sophia(torch.optim.Optimizer):
         for i, beta in enumerate(betas):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"invalid beta{i + 1}={beta}: must lie in [0, 1)")
-        if not (isinstance(stats_every, int) and stats_every >= 1):
-            raise ValueError(f"invalid stats_every={stats_every!r}: must be an integer >= 1")
+        if stats_every is not None and not (isinstance(stats_every, int) and stats_every >= 1):
+            raise ValueError(f"invalid stats_every={stats_every!r}: must be None or an integer >= 1")
         if impl not in IMPLEMENTATIONS + ("auto",):
             raise ValueError(f"invalid impl={impl!r}: choose one of {IMPLEMENTATIONS + ('auto',)}")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
@@ -199,7 +200,7 @@ class Sophia(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._steps += 1
-        count = self._steps % self.stats_every == 0
+        count = self.stats_every is not None and self._steps % self.stats_every == 0
         found_inf = getattr(self, "found_inf", None)
         if not isinstance(found_inf, Tensor):
             found_inf = None

@@ -86,7 +86,7 @@ SHAPES = {
 SHAPES["tiny2"] = SHAPES["tiny"]  # the same graphs: the rehearsal's second shape reuses inductor's cache
 
 # sophiag_<impl>[_s<n>]: SophiaG(impl=<impl>, stats_every=<n>)
-STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "sophiag_reference", "sophiag_compiled",
+STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "muon", "sophiag_reference", "sophiag_compiled",
                    "sophiag_compiled_s10")
 # (label, optimizer_name, optimizer_impl) for train.py
 TRAIN_RUNS = (("adamw", "adamw", "auto"), ("lion", "lion", "auto"), ("sophiag", "sophiag", "auto"),
@@ -210,6 +210,11 @@ def make_optimizer(name: str, groups: list[dict]):
     if name == "lion":
         from lion_pytorch import Lion
         return Lion(groups, lr=1e-4, betas=(0.9, 0.99))
+    if name == "muon":
+        from optimizers import MuonAdamW
+        matrices = groups[0]["params"]  # the decay group in model order: wte, wpe, then the blocks' matrices
+        return MuonAdamW(matrices[2:], groups, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.95,
+                         fused=True)
     from sophia import SophiaG
     parts = name.split("_")
     kwargs = {"stats_every": int(parts[2][1:])} if len(parts) > 2 else {}

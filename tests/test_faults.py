@@ -134,7 +134,8 @@ def test_kill_9_half_way_through_writing_a_checkpoint_resumes_from_the_previous_
 def test_init_from_auto_starts_fresh_without_a_checkpoint_and_resumes_with_one(tmp_path, uninterrupted):
     run_train(tmp_path, *SIXTY, "--optimizer_name=lion", "--max_iters=20", "--init_from=auto")
     assert load_ckpt(tmp_path)["iter_num"] == 20
-    run_train(tmp_path, *SIXTY, "--optimizer_name=lion", "--init_from=auto")
+    resumed = run_train(tmp_path, *SIXTY, "--optimizer_name=lion", "--init_from=auto")
+    assert f"resuming from step 20 of {tmp_path / 'ckpt_00000020.pt'}" in resumed.stdout
     assert_same_tensors(final_state(tmp_path), uninterrupted["lion"])
 
 

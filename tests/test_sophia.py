@@ -82,7 +82,7 @@ def run_tiny_gpt(impl: str, steps: int = 6, hess_every: int = 2, maximize: bool 
     cannot feed back through the model. Returns (parameters, stats, optimizer, record)."""
     model = tiny_gpt()
     opt = SophiaG(model.param_groups(weight_decay=0.2), lr=3e-2, betas=(0.9, 0.95), rho=0.05,
-                  maximize=maximize, impl=impl)
+                  maximize=maximize, impl=impl, stats_every=1)
     gen = torch.Generator().manual_seed(1)
     record = []
     for step in range(steps):
@@ -105,7 +105,7 @@ def run_tiny_gpt(impl: str, steps: int = 6, hess_every: int = 2, maximize: bool 
 
 def one_tensor_opt(impl: str, theta, **kwargs) -> tuple[torch.nn.Parameter, Sophia]:
     p = torch.nn.Parameter(torch.tensor(theta, dtype=torch.float64))
-    return p, Sophia([p], impl=impl, **kwargs)
+    return p, Sophia([p], impl=impl, **{"stats_every": 1, **kwargs})
 
 
 # ----------------------------------------------------------------------------- implementations agree
@@ -133,7 +133,7 @@ def test_compiled_equals_the_reference_on_empty_single_element_and_non_contiguou
     for impl in IMPLS:
         params = [nn.Parameter(v.clone()) for v in values[0]]
         params[-1] = nn.Parameter(values[0][-1].clone().t().contiguous().t())  # column-major
-        opt = SophiaG(params, lr=0.1, rho=0.5, weight_decay=0.1, impl=impl)
+        opt = SophiaG(params, lr=0.1, rho=0.5, weight_decay=0.1, impl=impl, stats_every=1)
         for step in range(3):
             if step != 1:
                 opt.update_hessian([torch.randn(s, generator=torch.Generator().manual_seed(step)).to(dtype)
@@ -261,7 +261,7 @@ def test_negative_or_zero_h_gives_exactly_lr_sign_m_never_a_step_along_plus_m(im
     h[::4] = 0.0
     h[1::4] = -1e-30  # tiny negative curvature: still below eps, still sign(m)
     p = torch.nn.Parameter(theta.clone())
-    opt = SophiaG([p], lr=0.05, betas=(0.5, 0.0), rho=0.05, weight_decay=0.0, impl=impl)
+    opt = SophiaG([p], lr=0.05, betas=(0.5, 0.0), rho=0.05, weight_decay=0.0, impl=impl, stats_every=1)
     opt.update_hessian([h])  # beta2 = 0: h is exactly the estimate
     assert torch.equal(opt.state[p]["hessian"], h)
     p.grad = grad.clone()
@@ -277,7 +277,7 @@ def test_mixed_sign_h_with_large_m_never_steps_along_plus_m(impl):
     gen = torch.Generator().manual_seed(4)
     theta = torch.randn(1000, generator=gen)
     p = torch.nn.Parameter(theta.clone())
-    opt = SophiaH([p], lr=0.1, betas=(0.0, 0.0), rho=0.01, weight_decay=0.0, impl=impl)
+    opt = SophiaH([p], lr=0.1, betas=(0.0, 0.0), rho=0.01, weight_decay=0.0, impl=impl, stats_every=1)
     opt.update_hessian([torch.randn(1000, generator=gen) * 100])
     p.grad = torch.randn(1000, generator=gen) * 100
     opt.step()
@@ -426,7 +426,7 @@ def test_win_rate_equals_a_hand_count_since_the_last_reset_and_hessian_norm_is_t
     shapes = [(5, 4), (7,)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     lr, beta1, beta2, rho, eps = 0.01, 0.8, 0.9, 0.3, 1e-12
-    opt = SophiaG(params, lr=lr, betas=(beta1, beta2), rho=rho, eps=eps, weight_decay=0.1, impl=impl)
+    opt = SophiaG(params, lr=lr, betas=(beta1, beta2), rho=rho, eps=eps, weight_decay=0.1, impl=impl, stats_every=1)
     m = [torch.zeros(s) for s in shapes]
     h = [torch.zeros(s) for s in shapes]
     unclipped = total = 0
@@ -533,7 +533,7 @@ def test_found_inf_nonzero_leaves_everything_untouched_and_zero_is_an_ordinary_s
     values = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(6, 2), (3,)]]
     plain = [nn.Parameter(v.clone()) for v in values]
     flagged = [nn.Parameter(v.clone()) for v in values]
-    opts = [SophiaG(ps, lr=0.1, rho=0.5, weight_decay=0.1, impl=impl) for ps in (plain, flagged)]
+    opts = [SophiaG(ps, lr=0.1, rho=0.5, weight_decay=0.1, impl=impl, stats_every=1) for ps in (plain, flagged)]
     flagged_opt = opts[1]
     for step, flag in enumerate([0.0, 1.0, 0.0, 1.0, 0.0]):
         if step % 2 == 0:
@@ -1067,7 +1067,7 @@ def test_sophiag_with_dtensor_parameters_equals_the_plain_tensor_result(tmp_path
         placements = [[Shard(0)], [Replicate()]]
         plain = [nn.Parameter(v.clone()) for v in values]
         sharded = [nn.Parameter(distribute_tensor(v.clone(), mesh, pl)) for v, pl in zip(values, placements)]
-        opts = [SophiaG(ps, lr=0.05, rho=0.5, weight_decay=0.1, impl=impl) for ps in (plain, sharded)]
+        opts = [SophiaG(ps, lr=0.05, rho=0.5, weight_decay=0.1, impl=impl, stats_every=1) for ps in (plain, sharded)]
         for step in range(4):
             grads = [torch.randn(v.shape, generator=gen) for v in values]
             h_hat = [torch.rand(v.shape, generator=gen) for v in values]
