@@ -12,11 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from model import GPT, GPTConfig
 from runtime import UserError
 
 REQUIRED = ("model", "optimizer", "scaler", "model_args", "iter_num", "tokens", "best_val_loss", "config", "meta")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every floating-point tensor (of a DTensor, this rank's shard) is finite on every
+    rank: one pass over them and one host sync; a collective under torch.distributed."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if t.is_floating_point()]
+    ok = torch.stack([torch.isfinite(t).all() for t in local]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def checkpoints(out_dir: Path) -> list[Path]:
@@ -95,6 +107,41 @@ def load_trained_model(out_dir: str | Path) -> tuple[GPT, dict]:
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint["meta"]
+
+
+def model_to_train(cfg, out_dir: Path, meta: dict, checkpoint: dict | None) -> tuple[GPT, dict]:
+    """The model a training run starts from and its GPTConfig arguments: the checkpoint's (whose
+    shape must be the config's), GPT-2's weights (init_from='gpt2*'), or a fresh one. `cfg` is
+    train.py's config (attribute access)."""
+    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                      bias=cfg.bias, vocab_size=None, dropout=cfg.dropout,
+                      scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx)
+    if checkpoint is not None:
+        saved = checkpoint["model_args"]
+        changed = {k: (saved[k], model_args[k]) for k in model_args
+                   if k not in ("vocab_size", "dropout") and saved.get(k) != model_args[k]}
+        if changed:
+            k, (a, b) = next(iter(changed.items()))
+            raise UserError(f"checkpoint in {out_dir} has {k}={a!r} but the config asks for {b!r}; resume with the "
+                            f"config the run was started with, or use a new --out_dir")
+        model_args = {**saved, "dropout": cfg.dropout}  # dropout may change between runs
+        model = GPT(GPTConfig(**model_args))
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint in {out_dir} does not fit the model ({str(e).splitlines()[0]}); "
+                            f"use a new --out_dir") from e
+        return model, model_args
+    if cfg.init_from.startswith("gpt2"):
+        try:
+            model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
+        except (ImportError, OSError) as e:  # no transformers, or the weights cannot be fetched
+            raise UserError(f"init_from={cfg.init_from!r}: cannot load the GPT-2 weights ({e})") from e
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        return model, {k: getattr(model.config, k) for k in model_args}
+    model_args["vocab_size"] = meta.get("vocab_size", 50304) if meta.get("tokenizer") == "char" else 50304
+    return GPT(GPTConfig(**model_args)), model_args
 
 
 # ----------------------------------------------------------------------------- RNG state

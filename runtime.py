@@ -4,6 +4,7 @@ and the process plumbing of distributed runs (gradient sync, FSDP2 sharding, sto
 train.py, sample.py and the scripts import this; none of it is configuration.
 """
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -133,6 +134,36 @@ def autocast(device_type: str, dtype_name: str) -> AbstractContextManager:
     if dtype_name == "float32":
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
+
+
+class DeviceTimer:
+    """Time spent in a block of code that launches device work, summed until read: CUDA events
+    on a GPU (a host clock would time the kernel launches only), the host clock elsewhere.
+    Reading it (take_seconds) waits for the device: log steps only."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.seconds, self.events = 0.0, []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((start, end))
+        else:
+            self.seconds += time.perf_counter() - t0
+
+    def take_seconds(self) -> float:
+        """Seconds since the last call."""
+        seconds = self.seconds + sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        self.seconds, self.events = 0.0, []
+        return seconds
 
 
 def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:

@@ -24,15 +24,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import configurator
-from checkpoint import (checkpoints, full_state_dicts, load_full_optimizer_state, load_latest_checkpoint,
-                        remove_partial_saves, rng_state, save_checkpoint, set_rng_state)
-from dataset import Batches, check_split, eval_offsets, holds_shards, prepare_dataset, read_split, windows
+from checkpoint import (all_finite, checkpoints, full_state_dicts, load_full_optimizer_state, load_latest_checkpoint,
+                        model_to_train, remove_partial_saves, rng_state, save_checkpoint, set_rng_state)
+from dataset import Batches, check_split, estimate_loss, holds_shards, prepare_dataset, read_split
 from metrics import MetricsLog, StepWindow, init_wandb
-from model import GPT, GPTConfig, peak_flops
-from runtime import (ROOT, RunLock, StopRequests, UserError, autocast, exit_on_user_error, one_line, pick_device,
+from model import GPT, peak_flops
+from runtime import (ROOT, DeviceTimer, RunLock, StopRequests, UserError, autocast, exit_on_user_error, one_line, pick_device,
                      pick_dtype, set_grad_sync, shard_model, writable_dir)
 from sophia import IMPLEMENTATIONS as _IMPLEMENTATIONS  # "_": a public tuple here would be a config key
 from sophia import Sophia, SophiaG, SophiaH, gnb_hessian, hutchinson_hessian
@@ -261,21 +260,13 @@ class HessianEstimator:
         # Same seed on every rank: the draws are shared and sliced (see the estimators).
         self.generator = torch.Generator(device=device if device.startswith("cuda") else "cpu")
         self.generator.manual_seed(cfg.seed + 7919)
-        # Time spent in the estimator. On CUDA, events: a host clock would time kernel launches only.
-        self.cuda = device.startswith("cuda")
-        self.seconds, self.events = 0.0, []
-
-    def take_seconds(self) -> float:
-        """Seconds spent in the estimator since the last call (syncs with CUDA events)."""
-        seconds = self.seconds + sum(a.elapsed_time(b) for a, b in self.events) / 1000
-        self.seconds, self.events = 0.0, []
-        return seconds
+        self.timer = DeviceTimer(device)
 
     def __call__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        t0 = time.perf_counter()
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
+        with self.timer():
+            self.estimate(batches)
+
+    def estimate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         needed = batches[:-(-self.local_sequences // len(batches[0][0]))]
         x, y = (torch.cat(t)[:self.local_sequences] for t in zip(*needed))
         chunks = list(zip(x.split(self.chunk), y.split(self.chunk)))
@@ -290,12 +281,6 @@ class HessianEstimator:
                                 self.world_size, self.autocast, scale, targets=targets,
                                 grad_sync=functools.partial(set_grad_sync, self.model))
         self.optimizer.update_hessian(h_hat)
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.events.append((start, end))
-        else:
-            self.seconds += time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- the step
@@ -336,38 +321,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total, norm, 1.0 - found_inf
-
-
-@torch.no_grad()
-def estimate_loss(model: torch.nn.Module, cfg: Config, data_dir: Path, autocast, device: str,
-                  rank: int, world_size: int) -> dict[str, float]:
-    """Mean loss over eval_iters batches of batch_size windows per split. The windows depend on
-    the data alone (dataset.eval_offsets), so every evaluation of every run, whatever its seed,
-    optimizer or number of ranks, scores the same windows: rank r scores batches r,
-    r + world_size, ..., and the per-batch losses are summed over ranks (each slot is filled
-    by one rank, the others add 0). Every rank runs the same number of forwards (FSDP2
-    all-gathers in each), the last ones scoring a batch again with weight 0 when eval_iters
-    is not a multiple of the world size."""
-    out = {}
-    model.eval()
-    for split in ("train", "val"):
-        data = read_split(data_dir, split)  # its .bin file or its llm.c shards
-        ix = eval_offsets(data, cfg.block_size, cfg.eval_iters, cfg.batch_size)
-        losses = torch.zeros(cfg.eval_iters, device=device)
-        rounds = -(-cfg.eval_iters // world_size)
-        # A transient bar (a terminal only, rank 0): logs keep one line per evaluation.
-        for k in tqdm(range(rank, rounds * world_size, world_size), desc=f"evaluating {split}", leave=False,
-                      disable=rank != 0 or not sys.stderr.isatty()):
-            x, y = windows(data, ix[k % cfg.eval_iters].tolist(), cfg.block_size, device)
-            with autocast:
-                loss = model(x, y)[1]
-            if k < cfg.eval_iters:
-                losses[k] = loss
-        if dist.is_initialized():
-            dist.all_reduce(losses)
-        out[split] = losses.mean().item()
-    model.train()
-    return out
 
 
 # ----------------------------------------------------------------------------- setup
@@ -426,22 +379,12 @@ class Trainer:
             gens["estimator"] = self.estimator.generator
         return gens
 
-    def finite(self) -> bool:
-        """Whether the weights and the optimizer state are all finite, on every rank (one pass
-        over them and one host sync: checkpoint steps only)."""
-        tensors = [p for p in self.eager_model.parameters()]
-        tensors += [v for state in self.optimizer.state.values() for v in state.values()
-                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        ok = torch.stack([torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all() for t in tensors]).all().float()
-        if dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
-
     def save(self) -> None:
         """Write a checkpoint of the run as it stands, unless the weights or the optimizer state
         have stopped being finite: then the last finite checkpoint stays the latest, and the run
         stops with UserError. A collective under DDP and FSDP2: every rank calls it."""
-        if not self.finite():
+        state = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        if not all_finite([*self.eager_model.parameters(), *state]):
             kept = checkpoints(self.out_dir)
             raise UserError(f"the weights or the optimizer state are no longer finite at step {self.progress.iter_num}: "
                             f"the run diverged, nothing was saved (the latest checkpoint, "
@@ -462,39 +405,6 @@ class Trainer:
                 "model_args": self.model_args, "iter_num": p.iter_num, "tokens": p.tokens,
                 "best_val_loss": p.best_val_loss, "config": dict(self.cfg), "rng": rngs,
                 "world_size": self.world_size, "meta": self.meta}, self.cfg.keep_checkpoints)
-
-
-def load_model(cfg: Config, out_dir: Path, meta: dict, checkpoint: dict | None) -> tuple[GPT, dict]:
-    """The model to train and its GPTConfig arguments: from the checkpoint, GPT-2's weights or scratch."""
-    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                      bias=cfg.bias, vocab_size=None, dropout=cfg.dropout,
-                      scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx)
-    if checkpoint is not None:
-        saved = checkpoint["model_args"]
-        changed = {k: (saved[k], model_args[k]) for k in model_args
-                   if k not in ("vocab_size", "dropout") and saved.get(k) != model_args[k]}
-        if changed:
-            k, (a, b) = next(iter(changed.items()))
-            raise UserError(f"checkpoint in {out_dir} has {k}={a!r} but the config asks for {b!r}; resume with the "
-                            f"config the run was started with, or use a new --out_dir")
-        model_args = {**saved, "dropout": cfg.dropout}  # dropout may change between runs
-        model = GPT(GPTConfig(**model_args))
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint in {out_dir} does not fit the model ({str(e).splitlines()[0]}); "
-                            f"use a new --out_dir") from e
-        return model, model_args
-    if cfg.init_from.startswith("gpt2"):
-        try:
-            model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
-        except (ImportError, OSError) as e:  # no transformers, or the weights cannot be fetched
-            raise UserError(f"init_from={cfg.init_from!r}: cannot load the GPT-2 weights ({e})") from e
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)
-        return model, {k: getattr(model.config, k) for k in model_args}
-    model_args["vocab_size"] = meta.get("vocab_size", 50304) if meta.get("tokenizer") == "char" else 50304
-    return GPT(GPTConfig(**model_args)), model_args
 
 
 def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) -> Trainer:
@@ -542,7 +452,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
         if checkpoint["config"]["dataset"] != cfg.dataset:
             raise UserError(f"checkpoint in {out_dir} was trained on dataset {checkpoint['config']['dataset']!r}, not "
                             f"{cfg.dataset!r}; resume with --dataset={checkpoint['config']['dataset']}, or use a new --out_dir")
-    model, model_args = load_model(cfg, out_dir, meta, checkpoint)
+    model, model_args = model_to_train(cfg, out_dir, meta, checkpoint)
     for split in ("train", "val"):
         check_split(data_dir, split, model.config.vocab_size, cfg.block_size, meta.get(f"{split}_tokens"))
     if checkpoint is None and checkpoints(out_dir):
@@ -622,7 +532,8 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
 
 def evaluate(t: Trainer, log: MetricsLog | None) -> tuple[dict, bool]:
     """Score both splits and log them; returns the record and whether val loss improved."""
-    losses = estimate_loss(t.model, t.cfg, t.data_dir, t.autocast, t.device, t.rank, t.world_size)
+    losses = estimate_loss(t.model, t.data_dir, t.cfg.block_size, t.cfg.batch_size, t.cfg.eval_iters, t.autocast,
+                           t.device, t.rank, t.world_size)
     p = t.progress
     record = {"iter": p.iter_num, "tokens": p.tokens, "train_loss": losses["train"], "val_loss": losses["val"]}
     if t.master:
@@ -692,7 +603,7 @@ def train(t: Trainer) -> dict:
                     stats = t.optimizer.stats()
                     if math.isnan(stats["win_rate"]):  # no step counted since the last line (stats_every)
                         del stats["win_rate"]
-                    record.update(stats, estimator_ms=t.estimator.take_seconds() * 1000 / w["steps"])
+                    record.update(stats, estimator_ms=t.estimator.timer.take_seconds() * 1000 / w["steps"])
                     if "win_rate" in stats:
                         line += f", win {stats['win_rate']:.3f}"
                     line += f", |h| {stats['hessian_norm']:.3g}"

@@ -3,6 +3,6 @@
 include("train_shakespeare_char.py")
 include("_optimizer_muon.py")
 out_dir = "out-shakespeare-char-muon"
-learning_rate = 2e-3  # LR_SWEEP_PENDING
-min_lr = 2e-4
+learning_rate = 8e-3  # best of the sweep 2e-3, 4e-3, 8e-3, 1.6e-2 (docs/RESULTS.md)
+min_lr = 8e-4
 beta2 = 0.99  # nanoGPT's value for this small batch, as for AdamW here

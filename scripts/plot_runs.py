@@ -13,7 +13,6 @@ A resumed run appends to metrics.jsonl; for a step logged twice the later record
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib

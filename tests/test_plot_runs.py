@@ -5,7 +5,6 @@ and one `error: ...` line with exit status 2 for files that are missing or not m
 import json
 from pathlib import Path
 
-import pytest
 
 from scripts import plot_runs
 from tests.helpers import expect_one_line_error

@@ -83,8 +83,8 @@ def test_resume_on_shards_is_bitwise_identical_to_an_uninterrupted_run(shards, t
 def test_evaluation_scores_fixed_windows_of_the_val_shards(shards, tmp_path, monkeypatch):
     """estimate_loss reads the val split through its shards, the same windows for every seed."""
     scored = []
-    windows = train.windows
-    monkeypatch.setattr(train, "windows", lambda data, offsets, *rest: scored.append(
+    windows = dataset.windows
+    monkeypatch.setattr(dataset, "windows", lambda data, offsets, *rest: scored.append(
         ([f.path.name for f in data.files], list(offsets))) or windows(data, offsets, *rest))
     for seed in (1, 2):
         with contextlib.redirect_stdout(io.StringIO()):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import metrics
-from tests.test_train import TINY, run_train
+from tests.test_train import run_train
 
 
 class FakeWandb(types.ModuleType):
