@@ -1,4 +1,4 @@
-"""Train a GPT-2 with Sophia-G, Sophia-H, AdamW or Lion: one loop for every optimizer.
+"""Train a GPT-2 with Sophia-G, Sophia-H, AdamW, Lion or Muon: one loop for every optimizer.
 
 Single process:   python train.py config/train_shakespeare_char.py --max_iters=500
 DDP, one node:    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_sophiag.py
@@ -430,8 +430,9 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
 
     data_dir = ROOT / "data" / cfg.dataset
     if not data_dir.is_dir():
-        raise UserError(f"dataset {cfg.dataset!r} not found: no folder {data_dir}; "
-                        f"choose one of {', '.join(sorted(p.name for p in data_dir.parent.iterdir() if p.is_dir()))}")
+        datasets = sorted(p.name for p in data_dir.parent.iterdir()
+                          if p.is_dir() and p.name[0] not in "_." and p.name != "gpt2")
+        raise UserError(f"dataset {cfg.dataset!r} not found: no folder {data_dir}; choose one of {', '.join(datasets)}")
     if master:
         prepare_dataset(data_dir)
     if dist.is_initialized():
