@@ -163,8 +163,10 @@ def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | N
 def print_help(config: dict[str, Any], origins: dict[str, str], help_source: str | Path | None) -> None:
     """Every key with its value, where the value came from (when not the default) and its meaning."""
     meanings = key_help(help_source) if help_source else {}
-    script = Path(help_source).name if help_source else "train.py"
-    print(f"usage: python {script} [config/FILE.py ...] [--key=value ...]\n")
+    source = Path(help_source) if help_source else Path("train.py")
+    # scripts/ are modules of the repository: run as `python -m scripts.NAME` from its root.
+    command = f"python -m scripts.{source.stem}" if source.parent.name == "scripts" else f"python {source.name}"
+    print(f"usage: {command} [config/FILE.py ...] [--key=value ...]\n")
     width = max(len(k) for k in config)
     for key, value in config.items():
         source = f"[{origins[key]}] " if key in origins else ""

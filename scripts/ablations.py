@@ -97,7 +97,7 @@ def summary(study: str, results: dict, plot: Path | None = None) -> list[str]:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], dict, dict[str, list[str]]]:
     """(args, the options passed on to compare.py, Sophia-G's resolved config, {study: compare.py argv})."""
-    parser = argparse.ArgumentParser(usage="%(prog)s CONFIG [--studies a,b] [compare.py options]",
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", usage="%(prog)s CONFIG [--studies a,b] [compare.py options]",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("config", help="base config, e.g. config/train_shakespeare_char.py")

@@ -36,7 +36,7 @@ def rss_mib(key: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--block", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=50304)

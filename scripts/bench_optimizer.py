@@ -992,7 +992,7 @@ def main() -> None:
         print(MARK + json.dumps(result), flush=True)
         return
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--what", choices=("step", "train", "memory", "all", "gpu"), default="all")
     parser.add_argument("--rehearse", action="store_true",

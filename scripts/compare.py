@@ -172,7 +172,7 @@ class Run:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The runner's options and the --key=value overrides passed on to every run."""
-    p = argparse.ArgumentParser(usage="%(prog)s CONFIG [options] [--key=value ...]", description=__doc__,
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", usage="%(prog)s CONFIG [options] [--key=value ...]", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # else --seed=1 would silently mean --seeds
     p.add_argument("config", help="base config file, e.g. config/train_shakespeare_char.py")

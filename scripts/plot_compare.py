@@ -146,7 +146,7 @@ def plot_all(results: dict, runs_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     """Re-plot a comparison folder from its results.json."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs_dir", help="folder holding results.json (scripts/compare.py --runs_dir)")
     runs_dir = Path(parser.parse_args(sys.argv[1:] if argv is None else argv).runs_dir)
     results_file = runs_dir / "results.json"

@@ -127,7 +127,7 @@ def plot_runs(paths: list[str | Path], output: str | Path, labels: list[str] | N
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
     """Parse the command line, write the PNG; returns its path."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="out_dirs or metrics.jsonl files")
     parser.add_argument("--labels", help="comma-separated legend labels, one per run (default: the out_dir names)")
     parser.add_argument("--x", choices=("step", "tokens"), default="step", help="the x axis")

@@ -120,7 +120,7 @@ def plot(paths: dict[str, np.ndarray], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
     """Run every method, write the figure, print and return each final (t1, t2, loss)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "toy_landscape.png"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--gd_lr", type=float, default=0.02)

@@ -170,7 +170,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--data_files", help="glob of local .parquet or .json/.jsonl files (or .txt, one document each) "
                              "instead of --dataset; needs --out_dir")

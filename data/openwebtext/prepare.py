@@ -351,7 +351,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--dataset", help=f"script-free Hugging Face dataset (default: {DEFAULT_DATASET}); "
                           "another one needs --out_dir")
