@@ -13,6 +13,19 @@ from lion_pytorch.lion_pytorch import update_fn as lion_update
 from torch.optim._muon import muon as muon_update  # torch's functional Muon update (no public alias)
 
 
+def skip_flag(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The optimizer's found_inf as a boolean tensor, or None when the loop set none."""
+    flag = getattr(optimizer, "found_inf", None)
+    return flag != 0 if isinstance(flag, torch.Tensor) else None
+
+
+def keep_unless_skipped(skip: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each (tensor, its updated copy): take the copy, unless the step is skipped. A select on
+    the device, never a branch on the host."""
+    for old, new in pairs:
+        old.copy_(torch.where(skip, old, new))
+
+
 class SkippableLion(Lion):
     """lion_pytorch's Lion, whose update leaves p and m as they were where `found_inf` is set
     (the protocol of torch's fused AdamW and of Sophia): a skipped step needs no host sync.
@@ -25,11 +38,13 @@ class SkippableLion(Lion):
         self.update_fn = self._update
 
     def _update(self, p, grad, exp_avg, lr, wd, beta1, beta2) -> None:
+        skip = skip_flag(self)
+        if skip is None:  # no flag: Lion's own in-place update, no copies
+            lion_update(p, grad, exp_avg, lr, wd, beta1, beta2)
+            return
         new_p, new_m = p.detach().clone(), exp_avg.clone()
         lion_update(new_p, grad, new_m, lr, wd, beta1, beta2)
-        skip = getattr(self, "found_inf", torch.zeros((), device=p.device)) != 0
-        p.copy_(torch.where(skip, p, new_p))
-        exp_avg.copy_(torch.where(skip, exp_avg, new_m))
+        keep_unless_skipped(skip, [(p, new_p), (exp_avg, new_m)])
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -67,7 +82,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for part in (self.muon, self.adamw):
-            if isinstance(getattr(self, "found_inf", None), torch.Tensor):
+            if skip_flag(self) is not None:
                 part.found_inf = self.found_inf
             part.step()
 
@@ -80,7 +95,9 @@ class SkippableMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        skip = getattr(self, "found_inf", None)
+        skip = skip_flag(self)
+        if skip is None:  # no flag: torch's own step, no copies
+            return super().step(closure)
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
@@ -89,6 +106,4 @@ class SkippableMuon(torch.optim.Muon):
             for p, grad, buf in zip(params, grads, bufs):
                 new_p, new_buf = p.detach().clone(), buf.clone()
                 muon_update([new_p], [grad], [new_buf], has_complex=False, **options)
-                keep = skip != 0 if isinstance(skip, torch.Tensor) else torch.zeros((), dtype=torch.bool, device=p.device)
-                p.copy_(torch.where(keep, p, new_p))
-                buf.copy_(torch.where(keep, buf, new_buf))
+                keep_unless_skipped(skip, [(p, new_p), (buf, new_buf)])

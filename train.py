@@ -31,6 +31,7 @@ from checkpoint import (all_finite, checkpoints, full_state_dicts, load_full_opt
 from dataset import Batches, check_split, estimate_loss, holds_shards, prepare_dataset, read_split
 from metrics import MetricsLog, StepWindow, init_wandb
 from model import GPT, peak_flops
+from runtime import device_type as runtime_device_type
 from runtime import (ROOT, DeviceTimer, RunLock, StopRequests, UserError, autocast, exit_on_user_error, one_line, pick_device,
                      pick_dtype, set_grad_sync, shard_model, writable_dir)
 from sophia import IMPLEMENTATIONS as _IMPLEMENTATIONS  # "_": a public tuple here would be a config key
@@ -193,6 +194,11 @@ def check_runs(argvs: list[list[str]]) -> list[dict]:
     return results
 
 
+def tokens_per_step(cfg: Config) -> int:
+    """Tokens of one optimizer step over all ranks."""
+    return cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+
 def get_lr(cfg: Config, it: int) -> float:
     """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
     if not cfg.decay_lr:
@@ -210,8 +216,9 @@ def get_lr(cfg: Config, it: int) -> float:
 def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Optimizer:
     groups = model.param_groups(cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
+    fused = device_type in ("cuda", "cpu")  # torch's fused AdamW kernels exist there
     if cfg.optimizer_name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
     if cfg.optimizer_name == "lion":
         from optimizers import SkippableLion  # imported when used: lion_pytorch is needed for Lion only
         return SkippableLion(groups, lr=cfg.learning_rate, betas=betas)
@@ -220,8 +227,7 @@ def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Op
         hidden = [p for block in model.transformer.h for p in block.parameters() if p.dim() == 2]
         if not hidden:
             raise UserError("optimizer_name='muon' needs 2-D hidden matrices and this model has none; use n_layer >= 1")
-        return MuonAdamW(hidden, groups, cfg.learning_rate, cfg.weight_decay, betas, cfg.muon_momentum,
-                         fused=device_type in ("cuda", "cpu"))
+        return MuonAdamW(hidden, groups, cfg.learning_rate, cfg.weight_decay, betas, cfg.muon_momentum, fused=fused)
     cls = SophiaG if cfg.optimizer_name == "sophiag" else SophiaH
     impl = cfg.optimizer_impl
     if impl == "auto":  # compile=False asks for no compilation: of the update neither
@@ -365,7 +371,7 @@ class Trainer:
         the estimator's averaged over hess_interval (GNB is a forward and backward: one token
         each; Hutchinson's double backward about twice that)."""
         cfg = self.cfg
-        tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        tokens = tokens_per_step(cfg)
         if self.estimator is None:
             return tokens
         factor = 2 if self.estimator.method in SECOND_ORDER else 1
@@ -411,7 +417,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     """Check the data, build or resume the model, optimizer, sampler and estimator; nothing is
     written before every check has passed (but out_dir exists)."""
     master = rank == 0
-    device_type = "cuda" if dev.startswith("cuda") else dev
+    device_type = runtime_device_type(dev)
     out_dir = Path(cfg.out_dir)
     if cfg.init_from == "resume" and not checkpoints(out_dir):  # before anything is created
         raise UserError(f"{out_dir} holds no checkpoint (ckpt_*.pt) to resume; train first, or point --out_dir at "
@@ -519,8 +525,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
         records.rename(aside)
         print(f"{records} held the records of a run that saved no checkpoint: moved to {aside.name}, starting over")
     if master:
-        tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-        print(f"{eager_model.get_num_params() / 1e6:.2f}M parameters, {cfg.optimizer_name}, {tokens_per_iter:,} "
+        print(f"{eager_model.get_num_params() / 1e6:.2f}M parameters, {cfg.optimizer_name}, {tokens_per_step(cfg):,} "
               f"tokens per step, device {dev}, dtype {dtype_name}, world size {world_size}")
         peak = peak_flops(dev)
         if peak is not None:
@@ -551,7 +556,7 @@ def train(t: Trainer) -> dict:
     evaluation, logging and checkpoint steps wait for the device. Returns the last
     evaluation's record."""
     cfg, p = t.cfg, t.progress
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    tokens_per_iter = tokens_per_step(cfg)
     log = None
     if t.master:
         (t.out_dir / "config.json").write_text(json.dumps(dict(cfg), indent=2))
