@@ -76,10 +76,12 @@ from tqdm import tqdm
 import configurator
 from checkpoint import load_trained_model
 from runtime import UserError, autocast, device_type, exit_on_user_error, pick_device, pick_dtype, writable_dir
-from tokenizer import load_tokenizer
+from tokenizer import gpt2_encoding, load_tokenizer
 
 if TYPE_CHECKING:  # imported where used: evaluating a checkpoint needs no transformers
     from transformers import PreTrainedModel
+
+    from model import GPT
 
 out_dir = "out"  # the training run to evaluate (its latest checkpoint)
 hf_dir = ""  # evaluate this Hugging Face GPT-2 directory (e.g. from export_hf.py) instead of out_dir
@@ -265,22 +267,30 @@ class ModelScorer:
         return results
 
 
+def gpt_scorer(model: "GPT", encode: Callable[[str], list[int]], cfg: dict) -> ModelScorer:
+    """The scorer of one of this repository's models on cfg's device and dtype. Log-probabilities
+    are over the tokenizer's vocabulary, as in an export and in llm.c: train.py pads GPT-2's
+    50257 ids to 50304, and the padding's logits would otherwise take probability mass
+    (character vocabularies are far smaller and not padded)."""
+    vocab = min(model.config.vocab_size, gpt2_encoding().n_vocab)
+    dev = pick_device(cfg["device"])
+    model.eval().to(dev)
+    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
+    return ModelScorer(lambda x: model(x)[0][..., :vocab], encode, model.config.block_size, cfg["batch_size"],
+                       dev, mixed)
+
+
 def load_scorer(cfg: dict) -> tuple[ModelScorer, str]:
     """The scorer of the model the config names (--hf_dir, else --out_dir) and its name."""
-    dev = pick_device(cfg["device"])
-    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
-    if cfg["hf_dir"]:
-        model, encode, block_size = load_hf(Path(cfg["hf_dir"]))
-        model.to(dev)
-        forward = lambda x: model(input_ids=x).logits
-        source = cfg["hf_dir"]
-    else:
+    if not cfg["hf_dir"]:
         model, meta = load_trained_model(cfg["out_dir"])
-        model.to(dev)
-        encode, block_size = load_tokenizer(meta)[0], model.config.block_size
-        forward = lambda x: model(x)[0]
-        source = cfg["out_dir"]
-    return ModelScorer(forward, encode, block_size, cfg["batch_size"], dev, mixed), source
+        return gpt_scorer(model, load_tokenizer(meta)[0], cfg), cfg["out_dir"]
+    dev = pick_device(cfg["device"])
+    model, encode, block_size = load_hf(Path(cfg["hf_dir"]))
+    model.to(dev)
+    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
+    return ModelScorer(lambda x: model(input_ids=x).logits, encode, block_size, cfg["batch_size"], dev,
+                       mixed), cfg["hf_dir"]
 
 
 def load_hf(hf_dir: Path) -> tuple["PreTrainedModel", Callable[[str], list[int]], int]:

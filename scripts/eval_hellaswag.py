@@ -34,10 +34,9 @@ import sys
 from pathlib import Path
 
 import configurator
-from runtime import UserError, autocast, device_type, exit_on_user_error, pick_device, pick_dtype, writable_dir
+from runtime import UserError, exit_on_user_error, writable_dir
 from sample import load_model
-from scripts.eval_downstream import ModelScorer, load_scorer, read_jsonl
-from tokenizer import gpt2_encoding
+from scripts.eval_downstream import ModelScorer, gpt_scorer, load_scorer, read_jsonl
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir) or OpenAI's 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
 out_dir = "out"  # the training run to evaluate (its latest checkpoint), with init_from='resume'
@@ -90,19 +89,12 @@ def read_examples(path: str) -> list[dict]:
 
 
 def load(cfg: dict) -> tuple[ModelScorer, str]:
-    """The scorer of the model the config names (--hf_dir, else --init_from / --out_dir) and its name.
-    Log-probabilities are over the tokenizer's vocabulary, as in llm.c and an export: train.py
-    pads GPT-2's 50257 ids to 50304 (character vocabularies are far smaller and not padded)."""
+    """The scorer of the model the config names (--hf_dir, else --init_from / --out_dir) and its name."""
     if cfg["hf_dir"]:
         return load_scorer(cfg)
     model, encode, _ = load_model(cfg)
-    vocab = min(model.config.vocab_size, gpt2_encoding().n_vocab)
-    dev = pick_device(cfg["device"])
-    model.eval().to(dev)
-    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
     source = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]
-    return ModelScorer(lambda x: model(x)[0][..., :vocab], encode, model.config.block_size, cfg["batch_size"],
-                       dev, mixed), source
+    return gpt_scorer(model, encode, cfg), source
 
 
 def evaluate(score: ModelScorer, examples: list[dict]) -> dict:

@@ -176,6 +176,22 @@ def test_an_exported_hugging_face_model_scores_like_the_checkpoint(char_run, tmp
     assert {k: r["per_draw"] for k, r in hf["tasks"].items()} == {k: r["per_draw"] for k, r in ours["tasks"].items()}
 
 
+def test_a_bpe_checkpoint_scores_over_gpt2s_vocabulary_like_its_export(tmp_path):
+    """train.py pads GPT-2's 50257 ids to 50304; the export crops them, and the checkpoint's
+    scorer must not give the padding probability mass either (on this nearly untrained model the
+    padding would add ~1e-3 nats per token)."""
+    from scripts import export_hf
+    out_dir = tmp_path / "bpe"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main([*TINY, "--dataset=shakespeare", f"--out_dir={out_dir}"])
+        export_hf.main([f"--out_dir={out_dir}", f"--hf_dir={tmp_path / 'hf'}"])
+    cfg = {**ed.DEFAULTS, "device": "cpu", "out_dir": str(out_dir)}
+    ours, _ = ed.load_scorer(cfg)
+    exported, _ = ed.load_scorer({**cfg, "hf_dir": str(tmp_path / "hf")})
+    requests = [("To be, or not to be:", " that is the question"), ("Friends, Romans,", " countrymen")]
+    assert ours(requests) == pytest.approx(exported(requests), abs=1e-5)
+
+
 def test_missing_data_dir_is_one_error_line(capsys, tmp_path):
     expect_one_line_error(capsys, ed.main, [f"--data_dir={tmp_path / 'nowhere'}"], "nowhere")
     expect_one_line_error(capsys, ed.main, [], "--data_dir")
