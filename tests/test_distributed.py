@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -383,6 +384,20 @@ def test_sophiah_with_fsdp_is_refused_at_startup_with_one_line(tmp_path):
     assert result.stderr.startswith("error: fsdp=True does not work with optimizer_name='sophiah'")
     assert "--optimizer_name=sophiag" in result.stderr and "--fsdp=False" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_a_user_error_under_torchrun_is_printed_once_and_every_rank_exits_2(tmp_path):
+    """Every rank meets the same bad setting; one line says so, not one per rank (torchrun then
+    adds its own report of the failed workers, naming exit code 2)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+            "train.py", *TINY, f"--out_dir={tmp_path / 'run'}", "--gradient_accumulation_steps=3"]
+    result = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=120, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("error: gradient_accumulation_steps=3 is not divisible by the world size 2") == 1, output
+    assert re.search(r"exitcode\s*:\s*2\b", output), output
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- preemption under torchrun
