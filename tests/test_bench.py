@@ -1,7 +1,7 @@
-"""scripts/bench_optimizer.py --what gpu, checked on the CPU: the rehearsal runs the GPU
-benchmark's whole path end to end, the GPU plan's train.py runs are valid configs, the report
-handles what only a GPU logs (mfu, memory_gib) and what it does not, and without CUDA the
-command is a one-line error."""
+"""scripts/bench_optimizer.py --what gpu (scripts/bench_gpu.py), checked on the CPU: the
+rehearsal runs the GPU benchmark's whole path end to end, the GPU plan's train.py runs are valid
+configs, the report handles what only a GPU logs (mfu, memory_gib) and what it does not, and
+without CUDA the command is a one-line error."""
 
 import argparse
 import json
@@ -15,7 +15,8 @@ import types
 import pytest
 import torch
 
-from runtime import ROOT
+from runtime import ROOT, UserError
+from scripts import bench_gpu as gpu
 from scripts import bench_optimizer as bench
 from tests.helpers import expect_one_line_error
 
@@ -35,11 +36,11 @@ def test_gpu_without_cuda_is_a_one_line_error(monkeypatch, capsys):
 
 def test_estimator_batches_are_the_papers_fractions():
     # config/_gpt2_small.py: 12 x 40 = 480 sequences; Sophia-G 240 of them, Sophia-H 32.
-    assert bench.paper_estimator_batches() == {"sophiag": (240, 480), "sophiah": (32, 480)}
-    hess = bench.scaled_hess_batches(64)
+    assert gpu.paper_estimator_batches() == {"sophiag": (240, 480), "sophiah": (32, 480)}
+    hess = gpu.scaled_hess_batches(64)
     assert hess["sophiag"] == (32, "240/480 x 64 = 32")
     assert hess["sophiah"][0] == 4 and "4.27" in hess["sophiah"][1] and "rounded to 4" in hess["sophiah"][1]
-    assert bench.scaled_hess_batches(4)["sophiah"][0] == 1  # never 0
+    assert gpu.scaled_hess_batches(4)["sophiah"][0] == 1  # never 0
 
 
 def test_step_shapes_are_gpt2_small_and_medium():
@@ -56,28 +57,28 @@ def test_step_shapes_are_gpt2_small_and_medium():
 def test_the_plans_train_runs_pass_train_py_check(rehearse):
     """The GPU plan's argument lists (device cuda, compile, bf16, block 1024) are valid configs:
     a typo there would otherwise surface only on a GPU."""
-    plan = bench.gpu_plan(rehearse, None)
-    hess = bench.scaled_hess_batches(plan.sequences)
-    argvs = {name: bench.gpu_train_argv(plan, name, hess.get(name, (0, ""))[0], "_bench_synthetic_test",
-                                        ROOT / "out-test") for name, _ in bench.GPU_TRAIN}
+    plan = gpu.gpu_plan(rehearse, None)
+    hess = gpu.scaled_hess_batches(plan.sequences)
+    argvs = {name: gpu.gpu_train_argv(plan, name, hess.get(name, (0, ""))[0], "_bench_synthetic_test",
+                                      ROOT / "out-test") for name, _ in gpu.GPU_TRAIN}
     if not rehearse:
         for name, argv in argvs.items():
             assert {"--compile=True", "--dtype=bfloat16", "--block_size=1024", "--device=cuda"} <= set(argv), argv
         assert "--hess_batch_size=32" in argvs["sophiag"] and "--hess_batch_size=4" in argvs["sophiah"]
     # One train.py --check for all: the runs are checked in order, so the error names the mistyped last one.
-    with pytest.raises(bench.UserError, match="refuses the mistyped run of --what gpu: .*batch_sise"):
-        bench.check_train_argvs({**argvs, "mistyped": [*argvs["adamw"], "--batch_sise=3"]})
+    with pytest.raises(UserError, match="refuses the mistyped run of --what gpu: .*batch_sise"):
+        gpu.check_train_argvs({**argvs, "mistyped": [*argvs["adamw"], "--batch_sise=3"]})
 
 
 def test_summary_without_gpu_fields():
     records = [{"kind": "eval", "iter": 0, "val_loss": 10.9}]
     records += [{"kind": "train", "iter": 10 * i, "time_ms": t, "tokens_per_s": 1000 / t, "loss": 10.8}
                 for i, t in enumerate([900.0, 300.0, 100.0, 110.0, 120.0, 130.0], start=1)]
-    summary = bench.summarize_train(records, skip=2)
+    summary = gpu.summarize_train(records, skip=2)
     assert summary["time_ms"] == 115.0 and summary["steady_windows"] == 4
     assert summary["mfu"] is None and summary["memory_gib"] is None and summary["estimator_ms"] is None
     with pytest.raises(bench.RunFailed):
-        bench.summarize_train(records[:1], skip=2)
+        gpu.summarize_train(records[:1], skip=2)
 
 
 def fake_gpu_results(plan) -> dict:
@@ -100,10 +101,10 @@ def fake_gpu_results(plan) -> dict:
 
 def test_gpu_report_reads_the_targets():
     """The report of a CUDA run, from made-up results: every target gets its measured value and a verdict."""
-    plan = bench.gpu_plan(False, None)
+    plan = gpu.gpu_plan(False, None)
     header = {"machine": "NVIDIA H200", "gpu_name": "NVIDIA H200", "command": "python -m scripts.bench_optimizer "
               "--what gpu", "date": "today", "progress": "Wall time: 400 s"}
-    text = bench.gpu_report(plan, fake_gpu_results(plan), bench.scaled_hess_batches(plan.sequences), header)
+    text = gpu.gpu_report(plan, fake_gpu_results(plan), gpu.scaled_hess_batches(plan.sequences), header)
     targets = text.split("## Targets")[1]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in targets.splitlines() if line.startswith("| ")}
     assert "1.023x" in rows["Sophia-G training iteration <= 1.03x AdamW (GPT-2 small (124M), k = 10)"]
@@ -122,11 +123,11 @@ def test_gpu_report_reads_the_targets():
     for r in results["train"].values():
         r["mfu"] = r["memory_gib"] = None
     header["gpu_name"] = "NVIDIA A100-SXM4-80GB"
-    text = bench.gpu_report(plan, results, bench.scaled_hess_batches(plan.sequences), header)
+    text = gpu.gpu_report(plan, results, gpu.scaled_hess_batches(plan.sequences), header)
     assert "n/a: no mfu logged" in text
     assert "| Peak memory within 3% of AdamW's (training run) | - | not measured |" in text
     results["train"]["sophiah"]["mfu"] = 0.3
-    text = bench.gpu_report(plan, results, bench.scaled_hess_batches(plan.sequences), header)
+    text = gpu.gpu_report(plan, results, gpu.scaled_hess_batches(plan.sequences), header)
     assert "n/a: not an H100/H200 (NVIDIA A100-SXM4-80GB)" in text
 
 
@@ -135,10 +136,10 @@ def test_a_failed_or_late_run_costs_only_its_row(tmp_path, monkeypatch):
     the deadline as stopped, the runs after the deadline as not run; the report and the raw JSON
     are still written, the synthetic dataset deleted, and the exit status is 1."""
     clock = types.SimpleNamespace(offset=0.0)
-    monkeypatch.setattr(bench, "time", types.SimpleNamespace(
+    monkeypatch.setattr(gpu, "time", types.SimpleNamespace(
         monotonic=lambda: time.monotonic() + clock.offset, perf_counter=time.perf_counter,
         strftime=time.strftime, gmtime=time.gmtime, sleep=time.sleep))
-    fake = fake_gpu_results(bench.gpu_plan(False, None))
+    fake = fake_gpu_results(gpu.gpu_plan(False, None))
     seen = []
 
     def train_run(plan, name, hess_batch_size, dataset, timeout):
@@ -156,11 +157,11 @@ def test_a_failed_or_late_run_costs_only_its_row(tmp_path, monkeypatch):
             clock.offset = 10_000.0  # the deadline passes during this run
         return fake["step"]["small"]["adamw_fused"]
 
-    monkeypatch.setattr(bench, "gpu_train_run", train_run)
-    monkeypatch.setattr(bench, "run_worker", worker)
+    monkeypatch.setattr(gpu, "gpu_train_run", train_run)
+    monkeypatch.setattr(gpu, "run_worker", worker)
     args = argparse.Namespace(rehearse=True, budget_s=100.0, threads=0, only=None, out=tmp_path / "report.md",
                               raw=tmp_path / "raw.json")
-    assert bench.bench_gpu(args) == 1
+    assert gpu.bench_gpu(args) == 1
     assert seen == ["adamw", "sophiag", "tiny adamw_fused", "tiny sophiag_compiled_s10", "sophiah",
                     "tiny sophiag_compiled", "tiny sophiag_reference"]
     text = args.out.read_text()
@@ -169,7 +170,7 @@ def test_a_failed_or_late_run_costs_only_its_row(tmp_path, monkeypatch):
     assert text.count("not run: the --budget-s deadline had passed") == 4  # the tiny2 step runs
     assert "| AdamW | - | 130.0 | 1.000x |" in text
     assert json.loads(args.raw.read_text())["results"]["train"]["sophiag"]["status"] == "failed: ValueError: boom"
-    assert not (bench.ROOT / "data" / f"{bench.SYNTHETIC_PREFIX}_{os.getpid()}").exists()
+    assert not (bench.ROOT / "data" / f"{gpu.SYNTHETIC_PREFIX}_{os.getpid()}").exists()
 
 
 def test_the_machine_line_on_a_gpu(monkeypatch):
@@ -177,7 +178,7 @@ def test_the_machine_line_on_a_gpu(monkeypatch):
                                   multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: props)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    line = bench.gpu_machine("cuda")
+    line = gpu.gpu_machine("cuda")
     assert line.startswith("NVIDIA H200 (140 GiB, compute capability 9.0, 132 SMs, bf16 supported), CUDA ")
     assert f"torch {torch.__version__}" in line
 
@@ -208,7 +209,7 @@ def test_rehearsal_runs_the_gpu_path_end_to_end(tmp_path):
     for label in ("AdamW", "Sophia-G", "Sophia-H"):
         assert re.search(rf"^\| {label} \| [-\d]+ \| [\d.]+ \| [\d.]+x \|", text, re.M), (label, text)
     for shape in ("tiny", "tiny2"):
-        for name in bench.GPU_STEP:
+        for name in gpu.GPU_STEP:
             assert re.search(rf"^\| {shape} \([\d.]+M\) \| {name} \| [\d.]+ \|", text, re.M), (shape, name, text)
     assert "failed" not in text and "not run" not in text and "pending" not in text
     assert text.count("(rehearsal: not a measurement)") == 4
