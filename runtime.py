@@ -1,4 +1,5 @@
-"""What the entry points share: one-line user errors, device and dtype choice, output folders,
+"""What the entry points share: one-line user errors, comma-list options, paths as the
+subprocesses they start in the repository get them, device and dtype choice, output folders,
 and the process plumbing of distributed runs (gradient sync, FSDP2 sharding, stop requests).
 
 train.py, sample.py and the scripts import this; none of it is configuration.
@@ -28,6 +29,24 @@ F = TypeVar("F", bound=Callable)
 class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix. Entry points
     print it as one line and exit with status 2 instead of showing a traceback."""
+
+
+def comma_list(text: str, kind: type, what: str) -> list:
+    """The values of a comma list option (`what`, e.g. "--seeds") as `kind`; empty items skipped."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what}={text!r}: expected a comma list of {kind.__name__}s") from None
+    if not values:
+        raise UserError(f"{what} is empty")
+    return values
+
+
+def shown(path: Path) -> str:
+    """A path as a subprocess run in the repository (train.py, an eval script) gets it, and as
+    printed: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def one_line(message: str) -> str:
@@ -209,7 +228,7 @@ class StopRequests:
     def _received(self, signum: int, _frame) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.signals:
             raise KeyboardInterrupt
-        if signum == signal.SIGINT:
+        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":  # every rank gets the Ctrl-C
             print("Ctrl-C: finishing the step and saving a checkpoint (Ctrl-C again aborts without one)",
                   file=sys.stderr)
         self.signals.append(signum)

@@ -32,7 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from runtime import UserError, exit_on_user_error  # noqa: E402
+from runtime import UserError, comma_list, exit_on_user_error, shown  # noqa: E402
 from scripts import compare  # noqa: E402
 
 RHO_FACTORS = (0.5, 1.0, 2.0)
@@ -63,14 +63,14 @@ def plot_rho_beta2(results: dict, rho: float, path: Path) -> Path:
     """Heat map of the final validation loss over rho x beta2 (paper Fig. 6c)."""
     rows = {row["label"]: row for row in results["groups"]}
     center = rows[results["baseline"]]
-    grid = [[rows.get(rho_beta2_label(f * rho, b), center)["val_loss_mean"] for b in BETA2S] for f in RHO_FACTORS]
+    cells = [[rows.get(rho_beta2_label(f * rho, b), center) for b in BETA2S] for f in RHO_FACTORS]
     fig, ax = plt.subplots(figsize=(5, 4))
-    values = [[float("nan") if v is None else v for v in row] for row in grid]
+    values = [[float("nan") if c["val_loss_mean"] is None else c["val_loss_mean"] for c in row] for row in cells]
     image = ax.imshow(values, cmap="viridis_r", origin="lower")
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             bright = v == v and image.norm(v) < 0.5  # the low (yellow) end of viridis_r
-            ax.text(j, i, "failed" if v != v else f"{v:.3f}", ha="center", va="center",
+            ax.text(j, i, compare.group_loss(cells[i][j]) if v != v else f"{v:.3f}", ha="center", va="center",
                     color="k" if bright else "w", fontsize=9)
     ax.set_xticks(range(len(BETA2S)), [f"{b:g}" for b in BETA2S])
     ax.set_yticks(range(len(RHO_FACTORS)), [f"{f * rho:g}" for f in RHO_FACTORS])
@@ -90,8 +90,7 @@ def summary(study: str, results: dict, plot: Path | None = None) -> list[str]:
     for row in results["groups"]:
         settings = " ".join([row["optimizer"], *row["overrides"]])
         best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}"
-        lines.append(f"| {row['label']} | `{settings}` | {row['steps']} | {best} | "
-                     f"{compare.fmt_loss(row['val_loss_mean'], row['val_loss_std'])} |")
+        lines.append(f"| {row['label']} | `{settings}` | {row['steps']} | {best} | {compare.group_loss(row)} |")
     return lines + ["", f"Details and plots: [ablation-{study}/results.md](ablation-{study}/results.md)", ""]
 
 
@@ -110,10 +109,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], dict, dict[st
     if not Path(args.config).is_file():
         raise UserError(f"config file {args.config} not found")
     overrides = [a for a in passed if a.startswith("--") and a.partition("=")[0][2:] in compare.DEFAULTS]
-    sophiag_config = compare.shown(compare.optimizer_config(Path(args.config), "sophiag", {}))
+    sophiag_config = shown(compare.optimizer_config(Path(args.config), "sophiag", {}))
     cfg = compare.resolve([sophiag_config, *overrides, "--optimizer_name=sophiag"])
     plans = studies(cfg["rho"], cfg["beta1"], cfg["beta2"])
-    chosen = list(plans) if args.studies == "all" else compare.comma_list(args.studies, str, "--studies")
+    chosen = list(plans) if args.studies == "all" else comma_list(args.studies, str, "--studies")
     unknown = [s for s in chosen if s not in plans]
     if unknown:
         raise UserError(f"--studies: unknown study {unknown[0]!r}; choose from {', '.join(plans)} or all")

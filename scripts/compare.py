@@ -75,8 +75,9 @@ without --hellaswag/--superglue, else {hellaswag: {data, sha256, limit, examples
 {data, sha256, tasks, limit, num_fewshot, num_draws, seed}}, each only when asked for), groups: [one per
 optimizer or variant and budget: {label, optimizer, overrides, fraction, steps, config, warmup_iters, min_lr_ratio,
 best_lr, best_at_edge, val_loss_mean, val_loss_std (final val loss at the best LR over
-seeds; null if every LR had a failed run), steps_to_target, speedup (null: not reached),
-lrs: [{lr, val_loss_mean, val_loss_std, runs: [{seed, out_dir, val_loss, state}]}],
+seeds; null if no LR had every seed finish with a finite loss), steps_to_target, speedup (null:
+not reached), lrs: [{lr, val_loss_mean, val_loss_std, runs: [{seed, out_dir, val_loss, state ("done":
+finished before, "ok", "failed (exit N)" or "not run")}]}],
 curve: {iters, val_loss, val_loss_min, val_loss_max}, train_stats: {iters, clip_frac,
 loss, and for Sophia win_rate, hessian_norm} (means over seeds at the best LR),
 clip_frac_overall, per_seed: [{seed, val_loss, steps_to_target}] (at the best LR; [] if none),
@@ -98,7 +99,6 @@ fraction of prompts cut}}]}}}]}.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -116,8 +116,10 @@ from pathlib import Path
 import configurator
 from dataset import prepare_dataset
 from metrics import read_metrics as read_records
-from runtime import ROOT, UserError, exit_on_user_error
+from runtime import ROOT, UserError, comma_list, exit_on_user_error, shown
+from scripts.downstream_scores import add_downstream, benchmarks, downstream_lines
 from scripts.plot_compare import plot_all
+from scripts.significance import mean_std, target_test, welch_test
 
 TRAIN = ROOT / "train.py"
 # train.py's defaults and optimizers, read from its source: planning runs imports no training code.
@@ -230,16 +232,6 @@ def check_overrides(items: list[str], expected: str) -> None:
             raise UserError(f"{arg}: the runner sets {key} for every run; use {RUNNER_KEYS[key]} instead")
 
 
-def comma_list(text: str, kind: type, what: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{what}={text!r}: expected a comma list of {kind.__name__}s") from None
-    if not values:
-        raise UserError(f"{what} is empty")
-    return values
-
-
 def key_values(items: list[str], what: str, names: tuple[str, ...] = OPTIMIZERS) -> dict[str, str]:
     """NAME=VALUE pairs of a repeatable option, NAME one of `names`."""
     pairs = {}
@@ -307,12 +299,6 @@ def optimizer_budgets(text: str, baseline: str, variant_specs: list[str] = ()) -
 
 
 # ----------------------------------------------------------------------------- the plan
-
-def shown(path: Path) -> str:
-    """A path as train.py gets it: relative to the repository (the subprocess's cwd) when inside it."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
 
 def optimizer_config(base: Path, optimizer: str, explicit: dict[str, str]) -> Path:
     """The config file for one optimizer: explicit, else the <family>_<opt>.py variant, else
@@ -504,13 +490,6 @@ def steps_to_reach(iters: list[float], losses: list[float], target: float) -> fl
     return None
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (0 for one value); None if any run failed."""
-    if not values or not all(math.isfinite(v) for v in values):
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def final_val_loss(run: Run) -> float:
     evals, _ = read_metrics(run.out_dir / "metrics.jsonl")
     last = [e["val_loss"] for e in evals if e["iter"] == run.group.steps]
@@ -521,100 +500,6 @@ def run_steps_to_target(run: Run, target: float) -> float | None:
     """steps_to_reach on one run's own validation curve."""
     evals, _ = read_metrics(run.out_dir / "metrics.jsonl")
     return steps_to_reach([e["iter"] for e in evals], [e["val_loss"] for e in evals], target)
-
-
-# ----------------------------------------------------------------------------- significance
-# Student's t distribution from the regularized incomplete beta function (scipy is not a
-# dependency): P(T <= t) = I_x(df/2, 1/2) / 2 with x = df / (df + t^2), for t < 0.
-
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of I_x(a, b) (modified Lentz; Numerical Recipes, Sec. 6.4)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1 + aa * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return h
-
-
-def _beta_inc(a: float, b: float, x: float, y: float) -> float:
-    """The regularized incomplete beta function I_x(a, b), with y = 1 - x passed exactly."""
-    if x <= 0 or y <= 0:
-        return 0.0 if x <= 0 else 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
-    if x < (a + 1) / (a + b + 2):  # where the fraction converges fast; else use I_x(a, b) = 1 - I_y(b, a)
-        return front * _beta_fraction(a, b, x) / a
-    return 1 - front * _beta_fraction(b, a, y) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with df (> 0, not necessarily whole) degrees of freedom."""
-    if math.isinf(t):
-        return 0.0 if t < 0 else 1.0
-    tail = _beta_inc(df / 2, 0.5, df / (df + t * t), t * t / (df + t * t)) / 2
-    return tail if t < 0 else 1 - tail
-
-
-def t_quantile(q: float, df: float) -> float:
-    """The t with t_cdf(t, df) = q (0 < q < 1), by bisection."""
-    lo, hi = -1.0, 1.0
-    while t_cdf(lo, df) > q:
-        lo *= 2
-    while t_cdf(hi, df) < q:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
-    return (lo + hi) / 2
-
-
-def one_sided_t_test(fields: dict, diff: float, std_err: float | None, df: float, alpha: float) -> dict:
-    """`fields` completed with the one-sided t-test of H1: the true difference < 0, given its
-    estimate, standard error (None: a side has one seed) and degrees of freedom, and the
-    difference's one-sided 1 - alpha upper confidence bound. One seed or no spread: no test."""
-    out = {**fields, "diff_mean": diff, "diff_std_err": std_err, "diff_upper_bound": None, "t": None, "df": None,
-           "p_one_sided": None, "significant": None, "no_test": None}
-    if std_err is None:
-        return {**out, "no_test": "n = 1: no test"}
-    if std_err == 0:
-        return {**out, "no_test": "no spread across seeds: no test"}
-    p = t_cdf(diff / std_err, df)
-    return {**out, "diff_upper_bound": diff + t_quantile(1 - alpha, df) * std_err, "t": diff / std_err, "df": df,
-            "p_one_sided": p, "significant": p < alpha}
-
-
-def welch_test(losses: list[float], baseline: list[float], alpha: float) -> dict:
-    """Is the group's mean final loss lower than the baseline's? Welch's t-test: unequal
-    variances, Welch-Satterthwaite degrees of freedom."""
-    n, nb = len(losses), len(baseline)
-    fields = {"test": "Welch's t-test, one-sided (H1: mean final val loss < the baseline's)", "n": n,
-              "n_baseline": nb}
-    diff = statistics.fmean(losses) - statistics.fmean(baseline)
-    if min(n, nb) < 2:
-        return one_sided_t_test(fields, diff, None, 0.0, alpha)
-    v, vb = statistics.variance(losses) / n, statistics.variance(baseline) / nb
-    df = (v + vb) ** 2 / (v * v / (n - 1) + vb * vb / (nb - 1)) if v + vb > 0 else 0.0
-    return one_sided_t_test(fields, diff, math.sqrt(v + vb), df, alpha)
-
-
-def target_test(losses: list[float], target: float, seeds_reaching: int, alpha: float) -> dict:
-    """Does the group's mean final loss reach the target, a fixed number? One-sample t-test."""
-    n = len(losses)
-    fields = {"test": "one-sample t-test, one-sided (H1: mean final val loss < the target, taken as exact)",
-              "target": target, "n": n, "seeds_reaching": seeds_reaching}
-    diff = statistics.fmean(losses) - target
-    if n < 2:
-        return one_sided_t_test(fields, diff, None, 0.0, alpha)
-    return one_sided_t_test(fields, diff, statistics.stdev(losses) / math.sqrt(n), n - 1, alpha)
 
 
 def seed_mean_series(series: list[list[dict]], keys: tuple[str, ...]) -> dict[str, list[float]]:
@@ -701,253 +586,23 @@ def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args
             "train_args": [args.config, *overrides], "target_val_loss": target, "groups": out_groups}
 
 
-# ----------------------------------------------------------------------------- downstream scores
-
-DOWNSTREAM_CACHE = "downstream.json"
-# eval script's error line -> why the benchmark does not apply to the model (kept, not retried)
-NOT_APPLICABLE = (("cannot be encoded with the model's tokenizer", "n/a (tokenizer)"),
-                  ("more than the model's block_size", "n/a (block_size)"))
-BENCHMARK_NAMES = {"hellaswag": "HellaSwag", "superglue": "SuperGLUE"}
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """A downstream benchmark to score runs on: 'hellaswag' (scripts/eval_hellaswag.py) or
-    'superglue' (scripts/eval_downstream.py)."""
-    name: str
-    path: str  # the data file or folder, as given
-    key: dict  # what the scores depend on besides the checkpoint: the data's sha256, limit, tasks, protocol
-    args: tuple[str, ...]  # the eval script's arguments besides --out_dir, --device and --output
-
-
-def sha256_of(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def benchmarks(args: argparse.Namespace) -> list[Benchmark]:
-    """The benchmarks --hellaswag and --superglue ask for, their data read and checked (one-line
-    errors) before any run starts. The eval scripts import torch: only when asked for."""
-    out = []
-    if args.hellaswag:
-        from scripts import eval_hellaswag
-        n = len(eval_hellaswag.read_examples(args.hellaswag))
-        n = min(n, args.hellaswag_limit) if args.hellaswag_limit else n
-        out.append(Benchmark("hellaswag", args.hellaswag,
-                             {"sha256": sha256_of([Path(args.hellaswag)]), "limit": args.hellaswag_limit,
-                              "examples": n},
-                             (f"--data={shown(Path(args.hellaswag))}", f"--limit={args.hellaswag_limit}")))
-    if args.superglue:
-        from scripts import eval_downstream
-        tasks = comma_list(args.superglue_tasks, str, "--superglue_tasks")
-        unknown = [t for t in tasks if t not in eval_downstream.TASKS]
-        if unknown or len(set(tasks)) != len(tasks):
-            raise UserError(f"--superglue_tasks={args.superglue_tasks}: each task once, from "
-                            f"{', '.join(eval_downstream.TASKS)}")
-        if not Path(args.superglue).is_dir():
-            raise UserError(f"--superglue {args.superglue} is not a directory; point it at a folder with "
-                            f"<task>/train.jsonl and <task>/val.jsonl")
-        files = []
-        for task in tasks:
-            eval_downstream.load_task_data(args.superglue, task)  # fields and labels checked
-            folder = eval_downstream.task_folder(args.superglue, task)
-            files += [folder / "train.jsonl", folder / "val.jsonl"]
-        protocol = {k: eval_downstream.DEFAULTS[k] for k in ("num_fewshot", "num_draws", "seed")}
-        out.append(Benchmark("superglue", args.superglue,
-                             {"sha256": sha256_of(files), "tasks": tasks, "limit": args.superglue_limit, **protocol},
-                             (f"--data_dir={shown(Path(args.superglue))}", f"--tasks={','.join(tasks)}",
-                              f"--limit={args.superglue_limit}")))
-    return out
-
-
-def latest_checkpoint(out_dir: Path) -> dict | None:
-    """The checkpoint an eval script scores (the latest ckpt_<step>.pt) as {file, step, size,
-    mtime_ns}: a changed checkpoint is scored again. None: the run saved none."""
-    paths = sorted(out_dir.glob("ckpt_*.pt"))
-    if not paths:
-        return None
-    stat = paths[-1].stat()
-    return {"file": paths[-1].name, "step": int(paths[-1].stem.removeprefix("ckpt_")), "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns}
-
-
-def score(bench: Benchmark, out_dir: Path, args: argparse.Namespace) -> dict:
-    """Score out_dir's latest checkpoint on a benchmark with its eval script, in a subprocess
-    (its memory is freed when it ends; its output is appended to out_dir/downstream.log).
-    Returns {"status": "ok", scores...}, or the status "n/a (tokenizer)" / "n/a (block_size)"
-    (the model cannot take the data) or "failed", with the script's error line."""
-    if bench.name == "hellaswag":
-        output = out_dir / "hellaswag.json"  # the eval script's report, every example's scores
-        module, written = "scripts.eval_hellaswag", output
-    else:
-        output = out_dir / "superglue"  # superglue.json and superglue.md
-        module, written = "scripts.eval_downstream", output.with_suffix(".json")
-    argv = [sys.executable, "-m", module, f"--out_dir={shown(out_dir)}", *bench.args,
-            f"--device={args.eval_device}", f"--output={shown(output)}"]
-    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    print("$ (downstream) " + " ".join(f"{k}={v}" for k, v in env.items()) + " python " + shlex.join(argv[1:]),
-          flush=True)
-    written.unlink(missing_ok=True)
-    log_path = out_dir / "downstream.log"
-    start = log_path.stat().st_size if log_path.exists() else 0
-    t0 = time.perf_counter()
-    with open(log_path, "a") as log:
-        code = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                              check=False).returncode
-    with open(log_path, errors="replace") as log:
-        log.seek(start)
-        errors = [line.strip() for line in log.read().replace("\r", "\n").splitlines() if line.startswith("error: ")]
-    if code != 0 or not written.is_file():
-        error = errors[-1].removeprefix("error: ") if errors else f"exit {code}, see {shown(log_path)}"
-        status = next((s for fragment, s in NOT_APPLICABLE if fragment in error), "failed")
-        print(f"  {bench.name} of {shown(out_dir)}: {status}: {error}", flush=True)
-        return {"status": status, "error": error}
-    report = json.loads(written.read_text())
-    print(f"  {bench.name} of {shown(out_dir)}: scored in {time.perf_counter() - t0:.1f}s", flush=True)
-    if bench.name == "hellaswag":
-        return {"status": "ok", **{k: report[k] for k in ("acc_norm", "acc", "examples", "truncated")}}
-    tasks = {name: r["accuracy"] for name, r in report["tasks"].items()}
-    return {"status": "ok", "average": statistics.fmean(tasks.values()), "tasks": tasks,
-            "truncated": {name: r["truncated"] for name, r in report["tasks"].items()}}
-
-
-def read_cache(path: Path) -> dict:
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or damaged: score again
-        return {}
-    return cache if isinstance(cache, dict) else {}
-
-
-def run_scores(run: Run, benches: list[Benchmark], args: argparse.Namespace) -> dict[str, dict]:
-    """{benchmark: result} of a finished run's latest checkpoint: from out_dir/downstream.json
-    when it holds a result for the same checkpoint, data and settings, else scored (and the
-    result kept there, unless the scoring failed). Each result has status, step (of the
-    checkpoint; None without one), cached, and when ok the scores."""
-    checkpoint = latest_checkpoint(run.out_dir)
-    if checkpoint is None:
-        return {b.name: {"status": "no checkpoint", "step": None, "cached": False} for b in benches}
-    cache_path = run.out_dir / DOWNSTREAM_CACHE
-    cache, out = read_cache(cache_path), {}
-    for bench in benches:
-        key = json.loads(json.dumps({**bench.key, "checkpoint": checkpoint}))
-        entry = cache.get(bench.name)
-        if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("result"), dict):
-            out[bench.name] = {**entry["result"], "cached": True}
-            continue
-        result = {**score(bench, run.out_dir, args), "step": checkpoint["step"]}
-        if result["status"] != "failed":  # a failure may be passing (memory, a device): tried again next time
-            cache = {**read_cache(cache_path), bench.name: {"key": key, "data": bench.path, "result": result}}
-            tmp = cache_path.with_name(cache_path.name + ".tmp")
-            tmp.write_text(json.dumps(cache, indent=1) + "\n")
-            os.replace(tmp, cache_path)
-        out[bench.name] = {**result, "cached": False}
-    return out
-
-
-def group_downstream(bench: Benchmark, best_runs: list[Run], scores: dict[Run, dict[str, dict]],
-                     runs_dir: Path) -> dict:
-    """A group's scores on one benchmark at its best LR: mean and std over the seeds scored."""
-    per_seed = [{"seed": r.seed, "out_dir": str(r.out_dir.relative_to(runs_dir)), **scores[r][bench.name]}
-                for r in best_runs]
-    ok = [s for s in per_seed if s["status"] == "ok"]
-    missing = sorted({s["status"] for s in per_seed if s["status"] != "ok"})
-    row = {"n": len(ok), "n_runs": len(per_seed), "status": ", ".join(missing) or None,
-           "steps": sorted({s["step"] for s in ok})}
-    metrics = ("acc_norm", "acc") if bench.name == "hellaswag" else ("average",)
-    for metric in metrics:
-        row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([s[metric] for s in ok])
-    if bench.name == "superglue":
-        row["tasks"] = {}
-        for task in bench.key["tasks"]:
-            mean, std = mean_std([s["tasks"][task] for s in ok])
-            row["tasks"][task] = {"mean": mean, "std": std}
-    return {**row, "per_seed": per_seed}
-
-
-def add_downstream(results: dict, groups: list[Group], runs: list[Run], benches: list[Benchmark],
-                   args: argparse.Namespace) -> None:
-    """Score the runs at each group's best LR (every seed finished there) and put the scores
-    into results: results["downstream"] (what was scored) and each group's "downstream"."""
-    results["downstream"] = {b.name: {"data": b.path, **b.key} for b in benches} or None
-    runs_dir = Path(args.runs_dir)
-    for group, row in zip(groups, results["groups"]):
-        best_runs = [r for r in runs if r.group == group and r.lr == row["best_lr"]] if benches else []
-        scores = {r: run_scores(r, benches, args) for r in best_runs}
-        row["downstream"] = {b.name: group_downstream(b, best_runs, scores, runs_dir) for b in benches} or None
-
-
-def fmt_score(cell: dict, mean: float | None, std: float | None, scale: float = 1.0, digits: int = 4) -> str:
-    """A downstream table cell: mean ± std over the seeds scored; why none was; or — (no LR at
-    which every seed finished)."""
-    if cell["n_runs"] == 0:
-        return "—"
-    return cell["status"] if cell["n"] == 0 else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
-
-
-def fmt_scored(cells: dict[str, dict]) -> str:
-    """The seeds-scored cell: "n of N" and why not the others, per benchmark when they differ."""
-    texts = {}
-    for name, c in cells.items():
-        why = f", {c['status']}" if c["status"] else ""
-        texts[name] = "—" if c["n_runs"] == 0 else f"{c['n']} of {c['n_runs']}{why}"
-    if len(set(texts.values())) == 1:
-        return next(iter(texts.values()))
-    return "; ".join(f"{BENCHMARK_NAMES[name]} {text}" for name, text in texts.items())
-
-
-def downstream_lines(results: dict) -> list[str]:
-    """results.md's downstream section: each group's scores at its best LR ([] if none asked for)."""
-    benches = results.get("downstream")
-    if not benches:
-        return []
-    hs, sg = benches.get("hellaswag"), benches.get("superglue")
-    text = ("Each optimizer at its best LR (by final val loss): the latest checkpoint of each seed's run, "
-            "mean ± std (sample, over the seeds scored). ")
-    header, rule = "| optimizer | steps | best LR | checkpoint step | seeds scored |", "|---|---:|---:|---:|---|"
-    if hs:
-        first = "the first " if hs["limit"] else ""
-        text += (f"HellaSwag: {hs['data']} ({first}{hs['examples']} examples), llm.c's completion scoring "
-                 "(scripts/eval_hellaswag.py): acc_norm picks the ending with the highest mean log-likelihood per "
-                 "token, acc the highest sum; chance is 0.25. ")
-        header, rule = header + " HellaSwag acc_norm | HellaSwag acc |", rule + "---|---|"
-    if sg:
-        limit = f", the first {sg['limit']} validation examples of each" if sg["limit"] else ""
-        text += (f"SuperGLUE: {sg['data']} ({', '.join(sg['tasks'])}{limit}), the paper's {sg['num_fewshot']}-shot "
-                 f"prompts, accuracy in % averaged over {sg['num_draws']} exemplar draws (scripts/eval_downstream.py); "
-                 "avg is the mean over the tasks. ")
-        header += " SuperGLUE avg (%) |" + "".join(f" {task} (%) |" for task in sg["tasks"])
-        rule += "---|" * (1 + len(sg["tasks"]))
-    text += ("Checkpoint step: of the checkpoints scored; below the run's steps when the config sets "
-             "always_save_checkpoint=False and the val loss did not improve at the end (the latest checkpoint is "
-             "then the best). Scores are kept in each run's downstream.json and redone when its checkpoint, the "
-             "data or the settings change. n/a (tokenizer): the data has characters the model's vocabulary lacks; "
-             "n/a (block_size): a HellaSwag ending is longer than the model's context.")
-    lines = ["", "## Downstream", "", text, "", header, rule]
-    for row in results["groups"]:
-        cells = row["downstream"]
-        steps = sorted({s for cell in cells.values() for s in cell["steps"]})
-        best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}"
-        steps_cell = ", ".join(map(str, steps)) or "—"
-        line = f"| {row['label']} | {row['steps']} | {best} | {steps_cell} | {fmt_scored(cells)} |"
-        if hs:
-            cell = cells["hellaswag"]
-            line += (f" {fmt_score(cell, cell['acc_norm_mean'], cell['acc_norm_std'])} |"
-                     f" {fmt_score(cell, cell['acc_mean'], cell['acc_std'])} |")
-        if sg:
-            cell = cells["superglue"]
-            line += f" {fmt_score(cell, cell['average_mean'], cell['average_std'], 100, 1)} |"
-            line += "".join(f" {fmt_score(cell, t['mean'], t['std'], 100, 1)} |" for t in cell["tasks"].values())
-        lines.append(line)
-    return lines
-
-
 # ----------------------------------------------------------------------------- results.md
 
-def fmt_loss(mean: float | None, std: float | None) -> str:
-    return "failed" if mean is None else f"{mean:.4f} ± {std:.4f}"
+def fmt_loss(mean: float | None, std: float | None, runs: list[dict]) -> str:
+    """A final val loss cell: mean ± std over the seeds, or why there is none, from `runs`
+    (results.json's, of one LR or a whole group): "failed" if one failed or diverged, else
+    "not run" if none has finished (--no_train, or still training elsewhere), else "K of N not run"."""
+    if mean is not None:
+        return f"{mean:.4f} ± {std:.4f}"
+    if any(r["state"].startswith("failed") or r["state"] in ("ok", "done") and r["val_loss"] is None for r in runs):
+        return "failed"
+    waiting = sum(r["state"] == "not run" for r in runs)
+    return "not run" if waiting == len(runs) else f"{waiting} of {len(runs)} not run"
+
+
+def group_loss(row: dict) -> str:
+    """A group's final val loss cell: at its best LR, or why no LR has one, over all its runs."""
+    return fmt_loss(row["val_loss_mean"], row["val_loss_std"], [r for lr_row in row["lrs"] for r in lr_row["runs"]])
 
 
 def fmt_speedup(row: dict) -> tuple[str, str]:
@@ -1012,7 +667,7 @@ def significance_lines(results: dict) -> list[str]:
             name, test_cell, target_cell = row["label"], fmt_verdict(test), fmt_verdict(target)
             bound = "" if test["diff_upper_bound"] is None else f" ({test['diff_upper_bound']:+.4f})"
             diff_cell = f"{test['diff_mean']:+.4f}{bound}"
-        lines.append(f"| {name} | {row['steps']} | {n} | {fmt_loss(row['val_loss_mean'], row['val_loss_std'])} | "
+        lines.append(f"| {name} | {row['steps']} | {n} | {group_loss(row)} | "
                      f"{diff_cell} | {test_cell} | {target_cell} | {reaching} |")
     lines += ["", "Per seed, at the best LR: final val loss (steps its own val curve needs to reach the target).", "",
               "| optimizer | steps | best LR | per seed |", "|---|---:|---:|---|"]
@@ -1021,7 +676,7 @@ def significance_lines(results: dict) -> list[str]:
                           + ("not reached" if s["steps_to_target"] is None else f"{s['steps_to_target']:.1f}") + ")"
                           for s in row["per_seed"])
         best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}"
-        lines.append(f"| {row['label']} | {row['steps']} | {best} | {seeds or 'failed'} |")
+        lines.append(f"| {row['label']} | {row['steps']} | {best} | {seeds or group_loss(row)} |")
     lines += ["", "In words:", ""]
     for row in groups[1:]:
         head = f"- **{row['label']}** at {row['steps']} steps ({row['fraction']:g}T)"
@@ -1055,8 +710,7 @@ def markdown(results: dict, plots: list[Path]) -> str:
         edge = " *" if row.get("best_at_edge") else ""
         best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}{edge}"
         steps_cell, speed_cell = fmt_speedup(row)
-        loss = fmt_loss(row["val_loss_mean"], row["val_loss_std"])
-        lines.append(f"| {row['label']} | {row['steps']} | {best} | {loss} | {steps_cell} | {speed_cell} |")
+        lines.append(f"| {row['label']} | {row['steps']} | {best} | {group_loss(row)} | {steps_cell} | {speed_cell} |")
     lines += [
         "",
         ("Speed-up = T / the steps the optimizer needs, at its best LR, to reach the target (validation curve "
@@ -1078,8 +732,9 @@ def markdown(results: dict, plots: list[Path]) -> str:
             seeds = ", ".join(f"s{r['seed']}: " + ("—" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
                               + ("" if r["state"] in ("ok", "done") else f" ({r['state']})") for r in lr_row["runs"])
             lines.append(f"| {row['label']} | {row['steps']} | {lr_row['lr']:.3g} | "
-                         f"{fmt_loss(lr_row['val_loss_mean'], lr_row['val_loss_std'])} | {seeds} |")
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+                         f"{fmt_loss(lr_row['val_loss_mean'], lr_row['val_loss_std'], lr_row['runs'])} | {seeds} |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
@@ -1099,7 +754,7 @@ def main(argv: list[str] | None = None) -> dict:
     states = execute(runs, args.jobs, args.threads, train=not args.no_train)
     out = Path(args.results_dir or args.runs_dir)
     results = summarize(groups, runs, states, args, overrides)
-    add_downstream(results, groups, runs, benches, args)
+    add_downstream(results, benches, args)
     plots = plot_all(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results, plots))

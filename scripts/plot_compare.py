@@ -2,7 +2,7 @@
 
     python -m scripts.plot_compare out-compare      # re-plot without rerunning anything
 
-Writes PNGs into the runs folder:
+Writes PNGs into the runs folder, each only when it has something to show:
   val_loss.png     validation loss against steps per optimizer at its best LR (mean over
                    seeds, band = min..max), full run and the end zoomed, with the
                    tuned baseline's final loss as the target line (paper Figs. 1, 3, 4);
@@ -47,13 +47,16 @@ def save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def plot_val_loss(results: dict, path: Path) -> Path:
+def plot_val_loss(results: dict, path: Path) -> Path | None:
+    rows = tuned(results)
+    if not rows:  # no curve, and no target either: it is the tuned baseline's loss
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     T, target = results["T"], results["target_val_loss"]
     # Zoom on the end of the runs: from half the shortest budget on.
-    start = min((row["steps"] for _, row in tuned(results)), default=T) / 2
+    start = min(row["steps"] for _, row in rows) / 2
     zoom = []  # every plotted value from `start` on, to fit the zoomed panel's y range
-    for color, row in tuned(results):
+    for color, row in rows:
         c = row["curve"]
         for ax in axes:
             ax.plot(c["iters"], c["val_loss"], color=color, marker=".", label=label(row))
@@ -66,26 +69,24 @@ def plot_val_loss(results: dict, path: Path) -> Path:
             zoom.append(target)
         ax.set(xlabel="steps", ylabel="validation loss", title=title)
         ax.grid(alpha=0.3)
-    if zoom:
-        pad = 0.1 * (max(zoom) - min(zoom)) + 1e-3
-        axes[1].set_xlim(start, T * 1.02)
-        axes[1].set_ylim(min(zoom) - pad, max(zoom) + pad)
+    pad = 0.1 * (max(zoom) - min(zoom)) + 1e-3
+    axes[1].set_xlim(start, T * 1.02)
+    axes[1].set_ylim(min(zoom) - pad, max(zoom) + pad)
     axes[0].legend(fontsize=8)
     return save(fig, path)
 
 
-def plot_lr_sweep(results: dict, path: Path) -> Path:
+def plot_lr_sweep(results: dict, path: Path) -> Path | None:
+    rows = tuned(results)  # a group has a best LR when, and only when, an LR of it has a mean loss
+    if not rows:
+        return None
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, row in enumerate(results["groups"]):
-        points = [(r["lr"], r["val_loss_mean"], r["val_loss_std"]) for r in row["lrs"]
-                  if r["val_loss_mean"] is not None]
-        if points:
-            lrs, means, stds = zip(*points)
-            color = colors[i % len(colors)]
-            ax.errorbar(lrs, means, yerr=stds, color=color, marker="o", capsize=3,
-                        label=f"{name(row)} ({row['steps']} steps)")
-            ax.plot(row["best_lr"], row["val_loss_mean"], marker="*", markersize=14, color=color)
+    for color, row in rows:
+        lrs, means, stds = zip(*[(r["lr"], r["val_loss_mean"], r["val_loss_std"]) for r in row["lrs"]
+                                 if r["val_loss_mean"] is not None])
+        ax.errorbar(lrs, means, yerr=stds, color=color, marker="o", capsize=3,
+                    label=f"{name(row)} ({row['steps']} steps)")
+        ax.plot(row["best_lr"], row["val_loss_mean"], marker="*", markersize=14, color=color)
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss",
            title="learning-rate sweep (star: best LR)")
     ax.grid(alpha=0.3, which="both")
@@ -111,16 +112,18 @@ def plot_sophia_stats(results: dict, path: Path) -> Path | None:
     return save(fig, path)
 
 
-def plot_grad_clip(results: dict, path: Path) -> Path:
+def plot_grad_clip(results: dict, path: Path) -> Path | None:
+    rows = [(c, r) for c, r in tuned(results) if "clip_frac" in r["train_stats"]]
+    if not rows:
+        return None
     fig, (ax_t, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     names, fractions, colors = [], [], []
-    for color, row in tuned(results):
+    for color, row in rows:
         s = row["train_stats"]
-        if "clip_frac" in s:
-            ax_t.plot(s["iters"], s["clip_frac"], color=color, marker=".", label=label(row))
-            names.append(f"{name(row)}\n{row['steps']} steps")
-            fractions.append(row["clip_frac_overall"])
-            colors.append(color)
+        ax_t.plot(s["iters"], s["clip_frac"], color=color, marker=".", label=label(row))
+        names.append(f"{name(row)}\n{row['steps']} steps")
+        fractions.append(row["clip_frac_overall"])
+        colors.append(color)
     ax_t.set(xlabel="steps", ylabel="fraction of steps clipped (per log interval)", ylim=(-0.02, 1.02),
              title="gradient clipping over training")
     ax_t.grid(alpha=0.3)
@@ -134,7 +137,8 @@ def plot_grad_clip(results: dict, path: Path) -> Path:
 
 
 def plot_all(results: dict, runs_dir: Path) -> list[Path]:
-    """Write every plot into runs_dir; returns the files written."""
+    """Write every plot into runs_dir; returns the files written: none for a plot that would
+    be empty (no group with a finished LR yet, no Sophia run, no clipping statistics)."""
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     paths = [plot_val_loss(results, runs_dir / "val_loss.png"),
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not results_file.exists():
         parser.error(f"{results_file} not found; run scripts/compare.py first")
     paths = plot_all(json.loads(results_file.read_text()), runs_dir)
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print("wrote " + (", ".join(str(p) for p in paths) or "no plots: no group has a finished LR yet"))
     return paths
 
 

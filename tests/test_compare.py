@@ -1,6 +1,6 @@
 """Tests of the optimizer-comparison tools: scripts/compare.py (the runner, its results and
-speed-up arithmetic), scripts/plot_compare.py (through the runner), scripts/ablations.py and
-scripts/toy_landscape.py.
+speed-up arithmetic), scripts/significance.py (its t-tests), scripts/downstream_scores.py
+(through the runner), scripts/plot_compare.py, scripts/ablations.py and scripts/toy_landscape.py.
 
 The end-to-end test runs real train.py subprocesses on a 1-layer, width-32 model for 10
 steps; everything else works on synthetic metrics, so the file takes well under a minute.
@@ -14,12 +14,13 @@ import json
 import math
 import shutil
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from scripts import ablations, compare, toy_landscape
+from scripts import ablations, compare, downstream_scores, plot_compare, significance, toy_landscape
 
 BASE = str(ROOT / "config" / "train_shakespeare_char.py")
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
@@ -189,12 +190,12 @@ def test_ablations_refuse_bad_arguments_before_running(tmp_path, capsys, extra, 
 # ----------------------------------------------------------------------------- significance
 
 def test_t_distribution_matches_tables_and_closed_forms():
-    cdf = compare.t_cdf
+    cdf = significance.t_cdf
     # One-sided 5% and 2.5% critical values of t tables.
     for t, df, p in ((2.131847, 4, 0.05), (1.833113, 9, 0.05), (4.302653, 2, 0.025), (1.644854, 1e7, 0.05)):
         assert cdf(-t, df) == pytest.approx(p, abs=1e-6) and cdf(t, df) == pytest.approx(1 - p, abs=1e-6)
-        assert compare.t_quantile(1 - p, df) == pytest.approx(t, abs=1e-5)
-        assert compare.t_quantile(p, df) == pytest.approx(-t, abs=1e-5)
+        assert significance.t_quantile(1 - p, df) == pytest.approx(t, abs=1e-5)
+        assert significance.t_quantile(p, df) == pytest.approx(-t, abs=1e-5)
     for t in (-300.0, -3.0, -0.5, 0.0, 0.7, 12.0):
         assert cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, rel=1e-10)  # Cauchy
         assert cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), rel=1e-10)
@@ -204,35 +205,35 @@ def test_t_distribution_matches_tables_and_closed_forms():
     # A fractional df (Welch's) lies between its neighbours: fewer degrees of freedom, heavier tails.
     assert cdf(-3.0, 2) > cdf(-3.0, 2.5) > cdf(-3.0, 3)
     assert cdf(-3.0, 2.5) == pytest.approx(0.0362880478, rel=1e-7)  # scipy.stats.t.cdf(-3, 2.5)
-    assert compare.t_quantile(cdf(-1.3, 3.7), 3.7) == pytest.approx(-1.3, abs=1e-9)
+    assert significance.t_quantile(cdf(-1.3, 3.7), 3.7) == pytest.approx(-1.3, abs=1e-9)
 
 
 def test_welch_and_one_sample_tests_by_hand():
     # [1, 2, 3] vs [4, 5, 6]: difference -3, variances 1, s.e. sqrt(1/3 + 1/3), df 4.
-    r = compare.welch_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 0.05)
+    r = significance.welch_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 0.05)
     assert r["n"] == r["n_baseline"] == 3 and r["diff_mean"] == -3.0 and r["df"] == pytest.approx(4.0)
     assert r["diff_std_err"] == pytest.approx(math.sqrt(2 / 3)) and r["t"] == pytest.approx(-3.6742346)
     assert r["p_one_sided"] == pytest.approx(0.0106558206, rel=1e-6) and r["significant"] and r["no_test"] is None
     assert r["diff_upper_bound"] == pytest.approx(-3 + 2.1318468 * math.sqrt(2 / 3))
     # The other way round: the same t, positive, is no evidence of a lower loss.
-    r = compare.welch_test([4.0, 5.0, 6.0], [1.0, 2.0, 3.0], 0.05)
+    r = significance.welch_test([4.0, 5.0, 6.0], [1.0, 2.0, 3.0], 0.05)
     assert r["p_one_sided"] == pytest.approx(1 - 0.0106558206) and r["significant"] is False
     # Unequal variances 2 and 16: df = (2/2 + 16/3)^2 / ((2/2)^2 / 1 + (16/3)^2 / 2) = 2.635.
-    r = compare.welch_test([1.0, 3.0], [0.0, 4.0, 8.0], 0.05)
+    r = significance.welch_test([1.0, 3.0], [0.0, 4.0, 8.0], 0.05)
     assert r["df"] == pytest.approx(2.6350365) and r["t"] == pytest.approx(-0.7947194)
     assert r["p_one_sided"] == pytest.approx(0.2460443591, rel=1e-6) and r["significant"] is False
     for losses, baseline in (([1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0], [3.0])):
-        r = compare.welch_test(losses, baseline, 0.05)
+        r = significance.welch_test(losses, baseline, 0.05)
         assert r["no_test"] == "n = 1: no test" and r["diff_mean"] is not None
         assert r["diff_std_err"] is r["p_one_sided"] is r["significant"] is r["t"] is None
-    assert compare.welch_test([2.0, 2.0], [3.0, 3.0], 0.05)["no_test"] == "no spread across seeds: no test"
+    assert significance.welch_test([2.0, 2.0], [3.0, 3.0], 0.05)["no_test"] == "no spread across seeds: no test"
 
     # One sample [1, 2, 3] against 4: t = -2 / (1 / sqrt 3), df 2, p = 1/2 + t / (2 sqrt(2 + t^2)).
-    r = compare.target_test([1.0, 2.0, 3.0], 4.0, 3, 0.05)
+    r = significance.target_test([1.0, 2.0, 3.0], 4.0, 3, 0.05)
     t = -2 * math.sqrt(3)
     assert (r["target"], r["n"], r["seeds_reaching"], r["df"]) == (4.0, 3, 3, 2) and r["t"] == pytest.approx(t)
     assert r["p_one_sided"] == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t))) and r["significant"]
-    assert compare.target_test([2.0], 2.5, 1, 0.05)["no_test"] == "n = 1: no test"
+    assert significance.target_test([2.0], 2.5, 1, 0.05)["no_test"] == "n = 1: no test"
 
 
 def test_significance_on_synthetic_metrics(tmp_path):
@@ -326,6 +327,55 @@ def test_significance_without_finished_seeds(tmp_path):
     assert all(row["vs_baseline"] is None for row in results["groups"])
     md = (runs_dir / "results.md").read_text()
     assert "No test: the baseline adamw has no LR at which every seed finished." in md
+
+
+def test_results_tell_runs_not_run_from_failed_ones(tmp_path, monkeypatch):
+    """A group or LR without a final loss is "not run" while none of its runs has run (--no_train,
+    or still training elsewhere), "K of N not run" when some have finished, and "failed" only
+    once a run has failed."""
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--optimizers", "adamw,sophiag,lion", "--steps", "10", "--lr_grid", "1", "--seeds", "1,2",
+            "--runs_dir", str(runs_dir), "--hess_batch_size=6"]
+    for run in compare.plan(*compare.parse_args(argv))[1]:
+        if run.group.label == "adamw" or (run.group.label == "lion" and run.seed == 1):
+            write_metrics(run.out_dir, {0: 4.0, run.group.steps: 2.0})
+    results = compare.main(argv + ["--no_train"])
+    sophiag_lr, lion_lr = (f"{group(results, name)['lrs'][0]['lr']:.3g}" for name in ("sophiag", "lion"))
+    md = (runs_dir / "results.md").read_text()
+    lines = md.splitlines()
+    assert "| sophiag | 5 | — | not run | — | — |" in lines  # the summary table
+    assert "| lion | 10 | — | 1 of 2 not run | — | — |" in lines
+    assert "| sophiag | 5 | 0 | not run | — | — | — | — |" in lines  # significance
+    assert "| sophiag | 5 | — | not run |" in lines and "| lion | 10 | — | 1 of 2 not run |" in lines  # per seed
+    assert f"| sophiag | 5 | {sophiag_lr} | not run | s1: — (not run), s2: — (not run) |" in lines
+    assert f"| lion | 10 | {lion_lr} | 1 of 2 not run | s1: 2.0000, s2: — (not run) |" in lines
+    assert "failed" not in md
+
+    # Training them now: every run started exits 1 at once.
+    real_run = compare.subprocess.run
+    monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
+                        else compare.subprocess.CompletedProcess(argv, 1))
+    compare.main(argv)
+    md = (runs_dir / "results.md").read_text()
+    lines = md.splitlines()
+    assert "| sophiag | 5 | — | failed | — | — |" in lines and "| lion | 10 | — | failed | — | — |" in lines
+    assert f"| lion | 10 | {lion_lr} | failed | s1: 2.0000, s2: — (failed (exit 1)) |" in lines
+    assert "not run" not in md
+
+
+def test_no_plots_before_any_group_has_a_finished_lr(tmp_path):
+    """--no_train before any run has finished: results.md and results.json, but no plot (each
+    would be empty, its legend a matplotlib warning)."""
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--optimizers", "adamw,sophiag", "--steps", "10", "--lr_grid", "1", "--seeds", "1",
+            "--runs_dir", str(runs_dir), "--hess_batch_size=6", "--no_train"]
+    results = compare.main(argv)
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["results.json", "results.md"]
+    assert "![" not in (runs_dir / "results.md").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_compare.plot_all(results, tmp_path / "plots") == []
+    assert list((tmp_path / "plots").iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- the runner, for real
@@ -466,7 +516,7 @@ def test_downstream_scores_of_finished_runs_are_cached_in_each_run(tmp_path, cap
         calls.append((bench.name, out_dir.name, bench.key["limit"]))
         return {"status": "ok", "acc_norm": 0.5, "acc": 0.25, "examples": 3, "truncated": 0}
 
-    monkeypatch.setattr(compare, "score", fake_score)
+    monkeypatch.setattr(downstream_scores, "score", fake_score)
     again = compare.main(argv)
     assert calls == [] and "$ (downstream)" not in capsys.readouterr().out
     assert group(again, "adamw")["downstream"]["hellaswag"]["acc_norm_mean"] == own_hs["acc_norm"]
@@ -510,7 +560,7 @@ def test_downstream_mean_and_std_over_seeds_at_the_best_lr(tmp_path, monkeypatch
         return {"status": "ok", "acc_norm": acc_norm[label, seed], "acc": acc_norm[label, seed] - 0.1,
                 "examples": 4, "truncated": 0}
 
-    monkeypatch.setattr(compare, "score", fake_score)
+    monkeypatch.setattr(downstream_scores, "score", fake_score)
     first = compare.main(argv)
     assert len(calls) == 12  # 2 groups x 3 seeds x 2 benchmarks
     cell = group(first, "adamw")["downstream"]["hellaswag"]

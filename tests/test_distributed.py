@@ -454,6 +454,16 @@ def test_sigusr1_to_torchrun_is_forwarded_and_the_ranks_checkpoint_and_stop(tmp_
     assert_stopped_with_a_resumable_checkpoint(tmp_path, output, "received SIGUSR1")
 
 
+def test_ctrl_c_under_torchrun_checkpoints_and_stops(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground group: torchrun and every rank. The
+    ranks finish their step, agree to stop, and rank 0 saves a checkpoint the run resumes from."""
+    proc = start_torchrun(tmp_path)
+    output = output_after_training_starts(proc, lambda: os.killpg(proc.pid, signal.SIGINT))
+    assert output.count("saved a checkpoint at step") == 1, output[-3000:]
+    assert output.count("Ctrl-C: finishing the step") == 1, output[-3000:]
+    assert_stopped_with_a_resumable_checkpoint(tmp_path, output, "received SIGINT (Ctrl-C)")
+
+
 def test_ranks_whose_launcher_was_killed_checkpoint_and_stop(tmp_path):
     """torchrun killed outright (kill -9, or SIGUSR1 when it does not handle it): its workers
     notice that their parent is gone instead of training on unsupervised."""
