@@ -592,8 +592,8 @@ def fmt_loss(mean: float | None, std: float | None, runs: list[dict]) -> str:
     """A final val loss cell: mean ± std over the seeds, or why there is none, from `runs`
     (results.json's, of one LR or a whole group): "failed" if one failed or diverged, else
     "not run" if none has finished (--no_train, or still training elsewhere), else "K of N not run"."""
-    if mean is not None:
-        return f"{mean:.4f} ± {std:.4f}"
+    if mean is not None:  # every run of `runs` finished; one seed has no spread to show
+        return f"{mean:.4f}" if len(runs) == 1 else f"{mean:.4f} ± {std:.4f}"
     if any(r["state"].startswith("failed") or r["state"] in ("ok", "done") and r["val_loss"] is None for r in runs):
         return "failed"
     waiting = sum(r["state"] == "not run" for r in runs)
@@ -602,7 +602,9 @@ def fmt_loss(mean: float | None, std: float | None, runs: list[dict]) -> str:
 
 def group_loss(row: dict) -> str:
     """A group's final val loss cell: at its best LR, or why no LR has one, over all its runs."""
-    return fmt_loss(row["val_loss_mean"], row["val_loss_std"], [r for lr_row in row["lrs"] for r in lr_row["runs"]])
+    at_best = [lr_row["runs"] for lr_row in row["lrs"] if lr_row["lr"] == row["best_lr"]]
+    runs = at_best[0] if at_best else [r for lr_row in row["lrs"] for r in lr_row["runs"]]
+    return fmt_loss(row["val_loss_mean"], row["val_loss_std"], runs)
 
 
 def fmt_speedup(row: dict) -> tuple[str, str]:
@@ -715,7 +717,7 @@ def markdown(results: dict, plots: list[Path]) -> str:
         "",
         ("Speed-up = T / the steps the optimizer needs, at its best LR, to reach the target (validation curve "
          "averaged over seeds, linear between evaluations); 2.00x is the paper's claim for Sophia at T/2. "
-         "Std is the sample standard deviation over seeds. * = best LR at the edge of the grid: extend the grid."),
+         "Std is the sample standard deviation over seeds (none for one seed). * = best LR at the edge of the grid: extend the grid."),
     ]
     variants = [row for row in results["groups"] if row["overrides"]]
     if variants:

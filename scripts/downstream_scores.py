@@ -201,7 +201,9 @@ def fmt_score(cell: dict, mean: float | None, std: float | None, scale: float = 
     which every seed finished)."""
     if cell["n_runs"] == 0:
         return "—"
-    return cell["status"] if cell["n"] == 0 else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+    if cell["n"] == 0:
+        return cell["status"]
+    return f"{scale * mean:.{digits}f}" + ("" if cell["n"] == 1 else f" ± {scale * std:.{digits}f}")
 
 
 def fmt_scored(cells: dict[str, dict]) -> str:
