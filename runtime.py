@@ -54,6 +54,12 @@ def one_line(message: str) -> str:
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def first_rank() -> bool:
+    """Rank 0 under torchrun, or a single process: read from the launcher's environment, so it
+    holds before (and without) init_process_group."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def exit_on_user_error(fn: F) -> F:
     """Decorator for an entry point's main(): a UserError becomes one line on stderr and exit 2.
     Under torchrun only rank 0 prints it (every rank raises the same error), and all exit 2."""
@@ -62,7 +68,7 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            if os.environ.get("RANK", "0") == "0":
+            if first_rank():
                 print("error: " + one_line(str(e)), file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:  # a second Ctrl-C: the first one asks for a checkpoint (StopRequests)
@@ -155,6 +161,13 @@ def autocast(device_type: str, dtype_name: str) -> AbstractContextManager:
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
 
 
+def placement(device: str, dtype: str) -> tuple[str, AbstractContextManager]:
+    """The device and mixed-precision context of an entry point that runs a model without
+    training it (sampling, evaluation), from its --device and --dtype."""
+    dev = pick_device(device)
+    return dev, autocast(device_type(dev), pick_dtype(dtype, device_type(dev)))
+
+
 class DeviceTimer:
     """Time spent in a block of code that launches device work, summed until read: CUDA events
     on a GPU (a host clock would time the kernel launches only), the host clock elsewhere.
@@ -228,7 +241,7 @@ class StopRequests:
     def _received(self, signum: int, _frame) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.signals:
             raise KeyboardInterrupt
-        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":  # every rank gets the Ctrl-C
+        if signum == signal.SIGINT and first_rank():  # every rank gets the Ctrl-C
             print("Ctrl-C: finishing the step and saving a checkpoint (Ctrl-C again aborts without one)",
                   file=sys.stderr)
         self.signals.append(signum)

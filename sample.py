@@ -15,7 +15,7 @@ import torch
 import configurator
 from checkpoint import load_trained_model
 from model import GPT
-from runtime import UserError, autocast, device_type, exit_on_user_error, pick_device, pick_dtype
+from runtime import UserError, exit_on_user_error, placement
 from tokenizer import gpt2_encoding, load_tokenizer
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir) or 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     for key, low in (("num_samples", 1), ("max_new_tokens", 1), ("temperature", 0), ("top_k", 0)):
         if cfg[key] < low:
             raise UserError(f"{key}={cfg[key]} must be at least {low}; see --help")
-    dev = pick_device(cfg["device"])
-    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
+    dev, mixed = placement(cfg["device"], cfg["dtype"])
     model, encode, decode = load_model(cfg)
     model.eval().to(dev)
 

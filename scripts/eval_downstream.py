@@ -75,7 +75,7 @@ from tqdm import tqdm
 
 import configurator
 from checkpoint import load_trained_model
-from runtime import UserError, autocast, device_type, exit_on_user_error, pick_device, pick_dtype, writable_dir
+from runtime import UserError, exit_on_user_error, placement, writable_dir
 from tokenizer import gpt2_encoding, load_tokenizer
 
 if TYPE_CHECKING:  # imported where used: evaluating a checkpoint needs no transformers
@@ -273,9 +273,8 @@ def gpt_scorer(model: "GPT", encode: Callable[[str], list[int]], cfg: dict) -> M
     50257 ids to 50304, and the padding's logits would otherwise take probability mass
     (character vocabularies are far smaller and not padded)."""
     vocab = min(model.config.vocab_size, gpt2_encoding().n_vocab)
-    dev = pick_device(cfg["device"])
+    dev, mixed = placement(cfg["device"], cfg["dtype"])
     model.eval().to(dev)
-    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
     return ModelScorer(lambda x: model(x)[0][..., :vocab], encode, model.config.block_size, cfg["batch_size"],
                        dev, mixed)
 
@@ -285,10 +284,9 @@ def load_scorer(cfg: dict) -> tuple[ModelScorer, str]:
     if not cfg["hf_dir"]:
         model, meta = load_trained_model(cfg["out_dir"])
         return gpt_scorer(model, load_tokenizer(meta)[0], cfg), cfg["out_dir"]
-    dev = pick_device(cfg["device"])
+    dev, mixed = placement(cfg["device"], cfg["dtype"])
     model, encode, block_size = load_hf(Path(cfg["hf_dir"]))
     model.to(dev)
-    mixed = autocast(device_type(dev), pick_dtype(cfg["dtype"], device_type(dev)))
     return ModelScorer(lambda x: model(input_ids=x).logits, encode, block_size, cfg["batch_size"], dev,
                        mixed), cfg["hf_dir"]
 
