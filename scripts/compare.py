@@ -11,14 +11,17 @@ the configured min_lr / learning_rate ratio) and a peak-LR sweep with the same g
 density for every optimizer: --lr_grid multiplies each optimizer's configured LR, or
 --lrs OPT=a,b,c gives explicit lists (all of the same length). The warmup is the same
 number of steps in every run: T x the baseline config's warmup_iters / max_iters (or
---warmup_iters). Everything else comes from the config and is checked to be identical
-across optimizers (data, batch, model, clipping, evaluation); weight decay and betas are
-each optimizer's own. Seeds (--seeds) change init, data order and estimator draws.
+--warmup_iters), unless a variant tunes it (below). Everything else comes from the config and
+is checked to be identical across optimizers (data, batch, model, clipping, evaluation);
+weight decay and betas are each optimizer's own. Seeds (--seeds) change init, data order and
+estimator draws.
 
 Variants (--variant, repeatable) are further groups for ablations: "LABEL=OPT[:FRACTION]
 --key=value ..." runs OPT under the name LABEL with its own train.py overrides, at FRACTION of
 T (default 1), e.g. --variant "k1=sophiag --hess_interval=1"; --baseline may name one. A
-variant may not change the settings that keep the comparison fair (below).
+variant may not change the settings that keep the comparison fair (below), but may set its own
+--warmup_iters: a tuning grid over an optimizer's own knobs is variants of it (e.g. "adamw_b95_w20=adamw
+--beta2=0.95 --warmup_iters=4000"), each with the same number of LRs.
 
 The config for optimizer OPT is --config_for OPT=FILE, else the variant <family>_OPT.py
 next to the base config (train_gpt2_small_adamw.py -> train_gpt2_small_sophiag.py,
@@ -29,7 +32,9 @@ train_shakespeare_char.py -> train_shakespeare_char_sophiag.py) when it exists, 
 Each run is a subprocess `python train.py CONFIG --key=value ...` (the commands are
 printed) with out_dir <runs_dir>/<label>_T<steps>_lr<lr>_s<seed> (label: the optimizer or the
 variant) and its console output in train.log there; --jobs N runs N at a time, each with
---threads / N OpenMP threads. A run whose metrics.jsonl has an evaluation at max_iters is
+--threads / N OpenMP threads. Runs start round-robin over the groups (every group's first run,
+then every group's second, ...), so a study stopped half-way has every group's grid filled to
+the same depth. A run whose metrics.jsonl has an evaluation at max_iters is
 finished and not rerun; any other (unfinished, crashed, failed) is started again with
 --init_from=auto, which resumes from its latest checkpoint. A reused out_dir whose
 config.json differs is refused.
@@ -99,6 +104,7 @@ fraction of prompts cut}}]}}}]}.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -127,7 +133,8 @@ DEFAULTS = configurator.read_defaults(TRAIN)
 OPTIMIZERS: tuple[str, ...] = configurator.read_literals(TRAIN)["OPTIMIZERS"]
 
 DEFAULT_FRACTIONS = {"adamw": 1.0, "lion": 1.0, "sophiag": 0.5, "sophiah": 0.5}
-# Keys the runner sets per run; an override of them would be silently replaced.
+# Keys the runner sets per run; an override of them would be silently replaced. A variant may set
+# its own warmup (a tuned knob); the runner then uses it for that variant's runs.
 RUNNER_KEYS = {"max_iters": "--steps", "lr_decay_iters": "--steps", "warmup_iters": "--warmup_iters",
                "learning_rate": "--lr_grid or --lrs", "min_lr": "the config's min_lr/learning_rate ratio",
                "seed": "--seeds", "out_dir": "--runs_dir", "init_from": "the runner (auto on resume)",
@@ -223,12 +230,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
-def check_overrides(items: list[str], expected: str) -> None:
+def check_overrides(items: list[str], expected: str, allowed: tuple[str, ...] = ()) -> None:
     for arg in items:
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"{arg}: {expected}")
         key = arg[2:].split("=", 1)[0]
-        if key in RUNNER_KEYS:
+        if key in RUNNER_KEYS and key not in allowed:
             raise UserError(f"{arg}: the runner sets {key} for every run; use {RUNNER_KEYS[key]} instead")
 
 
@@ -269,7 +276,7 @@ def parse_variant(text: str) -> Budget:
                         "letters, digits, '_', '-' or '.'")
     if label in OPTIMIZERS:
         raise UserError(f"--variant {text!r}: the label {label!r} is an optimizer's name; pick another")
-    check_overrides(words[1:], f"in --variant {text!r}: expected train.py overrides --key=value")
+    check_overrides(words[1:], f"in --variant {text!r}: expected train.py overrides --key=value", ("warmup_iters",))
     name, fraction = optimizer_fraction(spec, 1.0, f"--variant {text!r}")
     return Budget(label, name, fraction, tuple(words[1:]))
 
@@ -384,8 +391,10 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
         lrs = tuple(explicit(b) or [m * cfg["learning_rate"] for m in grid])
         if len(set(lrs)) != len(lrs) or min(lrs) <= 0:
             raise UserError(f"{b.label}: the LRs {', '.join(map(str, lrs))} must be positive and distinct")
+        own_warmup = any(o.startswith("--warmup_iters=") for o in b.overrides)
         group = Group(b.label, b.optimizer, b.fraction, max(1, round(b.fraction * T)), configs[b.label], lrs,
-                      cfg["min_lr"] / cfg["learning_rate"], warmup, b.overrides)
+                      cfg["min_lr"] / cfg["learning_rate"], cfg["warmup_iters"] if own_warmup else warmup,
+                      b.overrides)
         groups.append(group)
         runs += [make_run(group, lr, seed, Path(args.runs_dir), overrides) for lr in lrs for seed in seeds]
     return groups, runs
@@ -433,6 +442,14 @@ def command(run: Run, threads: int, resume: bool) -> tuple[list[str], dict[str, 
     return args, env
 
 
+def round_robin(runs: list[Run]) -> list[Run]:
+    """The runs reordered: every group's first run, then every group's second, ..."""
+    by_group: dict[Group, list[Run]] = {}
+    for run in runs:
+        by_group.setdefault(run.group, []).append(run)
+    return [run for turn in itertools.zip_longest(*by_group.values()) for run in turn if run is not None]
+
+
 def execute(runs: list[Run], jobs: int, threads: int, train: bool = True) -> dict[Run, str]:
     """Run what is not finished (`jobs` at a time); returns each run's state: 'done'
     (finished before), 'ok', 'failed (exit N)', or with train=False 'not run'."""
@@ -450,6 +467,7 @@ def execute(runs: list[Run], jobs: int, threads: int, train: bool = True) -> dic
             todo.append(run)
     if not todo:
         return states
+    todo = round_robin(todo)
     print(f"{len(todo)} run(s) to do, {jobs} at a time, commands run in {ROOT}:")
     lock = threading.Lock()
     per_job = max(1, threads // jobs)
