@@ -375,7 +375,6 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
             raise UserError(f"{label} ({configs[label]}) sets {k}={cfg[k]!r} but the baseline has "
                             f"{baseline_cfg[k]!r}; the comparison needs the same {', '.join(unfair)} "
                             f"for every optimizer: pass --{k}=... to set it for all")
-    check_with_train(train_args, configs)
     T = args.steps if args.steps is not None else baseline_cfg["max_iters"]
     if T < 1:
         raise UserError("--steps must be at least 1")
@@ -397,6 +396,8 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
                       b.overrides)
         groups.append(group)
         runs += [make_run(group, lr, seed, Path(args.runs_dir), overrides) for lr in lrs for seed in seeds]
+    # Checked as each group's runs will run (its steps and warmup), its first run standing for all.
+    check_with_train({g.label: list(next(r for r in runs if r.group == g).args) for g in groups}, configs)
     return groups, runs
 
 

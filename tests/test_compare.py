@@ -139,17 +139,19 @@ def test_variants_are_groups_with_their_own_overrides_and_can_be_the_baseline(tm
 
 
 def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp_path):
-    """A variant may tune the warmup (the others keep the runner's); a study stopped half-way has
-    every group's grid filled to the same depth: runs start round-robin over the groups."""
-    argv = [BASE, "--optimizers", "", "--steps", "10", "--lr_grid", "0.5,1", "--seeds", "1",
-            "--variant", "adamw_w4=adamw --beta2=0.95 --warmup_iters=4", "--variant", "sophiag_w4=sophiag --warmup_iters=4",
-            "--runs_dir", str(tmp_path / "runs"), "--hess_batch_size=6"]
+    """A variant may tune the warmup (the others keep the runner's, here 5% of T as in the config),
+    checked against T, not the config's shorter run; a study stopped half-way has every group's
+    grid filled to the same depth: runs start round-robin over the groups."""
+    argv = [BASE, "--optimizers", "", "--steps", "20000", "--lr_grid", "0.5,1", "--seeds", "1",
+            "--variant", "adamw_w20=adamw --beta2=0.95 --warmup_iters=4000",
+            "--variant", "sophiag_w20=sophiag --warmup_iters=4000", "--runs_dir", str(tmp_path / "runs"),
+            "--hess_batch_size=6"]
     groups, runs = compare.plan(*compare.parse_args(argv))
-    assert [(g.label, g.warmup_iters) for g in groups] == [("adamw", 0), ("adamw_w4", 4), ("sophiag_w4", 4)]
+    assert [(g.label, g.warmup_iters) for g in groups] == [("adamw", 1000), ("adamw_w20", 4000), ("sophiag_w20", 4000)]
     assert all(compare.resolve(r.args)["warmup_iters"] == r.group.warmup_iters for r in runs)
     assert compare.resolve(runs[2].args)["beta2"] == 0.95
     order = [(r.group.label, r.lr) for r in compare.round_robin(runs)]
-    assert [label for label, _ in order] == ["adamw", "adamw_w4", "sophiag_w4"] * 2
+    assert [label for label, _ in order] == ["adamw", "adamw_w20", "sophiag_w20"] * 2
     assert order[:3] == [(g.label, g.lrs[0]) for g in groups]
 
 
