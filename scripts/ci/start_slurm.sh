@@ -47,6 +47,8 @@ ReturnToService=2
 MinJobAge=600
 KillWait=30
 JobRequeue=1
+# a requeued job may start again after cred_expire seconds (default 120): quicker on a test cluster
+AuthInfo=cred_expire=10
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:${SLURM_OVERSUBSCRIBE:-2}
 CONF
