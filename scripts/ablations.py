@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from runtime import UserError, comma_list, exit_on_user_error, shown  # noqa: E402
-from scripts import compare  # noqa: E402
+from scripts import compare, compare_plan, compare_report  # noqa: E402
 
 RHO_FACTORS = (0.5, 1.0, 2.0)
 BETA2S = (0.95, 0.99, 0.995)
@@ -70,7 +70,7 @@ def plot_rho_beta2(results: dict, rho: float, path: Path) -> Path:
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             bright = v == v and image.norm(v) < 0.5  # the low (yellow) end of viridis_r
-            ax.text(j, i, compare.group_loss(cells[i][j]) if v != v else f"{v:.3f}", ha="center", va="center",
+            ax.text(j, i, compare_report.group_loss(cells[i][j]) if v != v else f"{v:.3f}", ha="center", va="center",
                     color="k" if bright else "w", fontsize=9)
     ax.set_xticks(range(len(BETA2S)), [f"{b:g}" for b in BETA2S])
     ax.set_yticks(range(len(RHO_FACTORS)), [f"{f * rho:g}" for f in RHO_FACTORS])
@@ -90,7 +90,7 @@ def summary(study: str, results: dict, plot: Path | None = None) -> list[str]:
     for row in results["groups"]:
         settings = " ".join([row["optimizer"], *row["overrides"]])
         best = "—" if row["best_lr"] is None else f"{row['best_lr']:.3g}"
-        lines.append(f"| {row['label']} | `{settings}` | {row['steps']} | {best} | {compare.group_loss(row)} |")
+        lines.append(f"| {row['label']} | `{settings}` | {row['steps']} | {best} | {compare_report.group_loss(row)} |")
     return lines + ["", f"Details and plots: [ablation-{study}/results.md](ablation-{study}/results.md)", ""]
 
 
@@ -108,9 +108,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], dict, dict[st
             raise UserError(f"{option} is set by each study; run scripts/compare.py for a comparison of your own")
     if not Path(args.config).is_file():
         raise UserError(f"config file {args.config} not found")
-    overrides = [a for a in passed if a.startswith("--") and a.partition("=")[0][2:] in compare.DEFAULTS]
-    sophiag_config = shown(compare.optimizer_config(Path(args.config), "sophiag", {}))
-    cfg = compare.resolve([sophiag_config, *overrides, "--optimizer_name=sophiag"])
+    overrides = [a for a in passed if a.startswith("--") and a.partition("=")[0][2:] in compare_plan.DEFAULTS]
+    sophiag_config = shown(compare_plan.optimizer_config(Path(args.config), "sophiag", {}))
+    cfg = compare_plan.resolve([sophiag_config, *overrides, "--optimizer_name=sophiag"])
     plans = studies(cfg["rho"], cfg["beta1"], cfg["beta2"])
     chosen = list(plans) if args.studies == "all" else comma_list(args.studies, str, "--studies")
     unknown = [s for s in chosen if s not in plans]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from scripts import ablations, compare, downstream_scores, plot_compare, significance, toy_landscape
+from scripts import ablations, compare, compare_plan, compare_report, compare_run, downstream_scores, plot_compare, significance, toy_landscape
 
 BASE = str(ROOT / "config" / "train_shakespeare_char.py")
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
@@ -41,16 +41,16 @@ def group(results: dict, optimizer: str) -> dict:
 
 def test_steps_to_reach_interpolates_linearly_between_evaluations():
     iters, losses = [0, 100, 200, 300], [4.0, 3.0, 2.0, 1.5]
-    assert compare.steps_to_reach(iters, losses, 2.5) == pytest.approx(150.0)
-    assert compare.steps_to_reach(iters, losses, 1.75) == pytest.approx(250.0)
-    assert compare.steps_to_reach(iters, losses, 2.0) == pytest.approx(200.0)  # exactly at an evaluation
-    assert compare.steps_to_reach(iters, losses, 5.0) == 0.0  # already there at the start
+    assert compare_report.steps_to_reach(iters, losses, 2.5) == pytest.approx(150.0)
+    assert compare_report.steps_to_reach(iters, losses, 1.75) == pytest.approx(250.0)
+    assert compare_report.steps_to_reach(iters, losses, 2.0) == pytest.approx(200.0)  # exactly at an evaluation
+    assert compare_report.steps_to_reach(iters, losses, 5.0) == 0.0  # already there at the start
 
 
 def test_steps_to_reach_not_reached_and_first_crossing():
-    assert compare.steps_to_reach([0, 100, 200], [4.0, 3.0, 2.5], 2.4) is None
+    assert compare_report.steps_to_reach([0, 100, 200], [4.0, 3.0, 2.5], 2.4) is None
     # A curve that dips below the target and comes back: the first crossing counts.
-    assert compare.steps_to_reach([0, 10, 20, 30], [4.0, 1.0, 3.0, 1.0], 2.5) == pytest.approx(5.0)
+    assert compare_report.steps_to_reach([0, 10, 20, 30], [4.0, 1.0, 3.0, 1.0], 2.5) == pytest.approx(5.0)
 
 
 def write_metrics(out_dir: Path, evals: dict[int, float]) -> None:
@@ -77,7 +77,7 @@ def test_speedup_and_best_lr_on_synthetic_metrics(tmp_path, capsys):
               ("sophiag", 2e-3, 1): {0: 4.0, 5: 1.0}, ("sophiag", 2e-3, 2): {0: 4.0, 5: math.nan},
               ("lion", 1e-4, 1): {0: 4.0, 5: 3.0, 10: 2.5}, ("lion", 1e-4, 2): {0: 4.0, 5: 3.0, 10: 2.5},
               ("lion", 2e-4, 1): {0: 4.0, 5: 3.5, 10: 3.0}, ("lion", 2e-4, 2): {0: 4.0, 5: 3.5, 10: 3.0}}
-    _, runs = compare.plan(*compare.parse_args(argv))
+    _, runs = compare_plan.plan(*compare.parse_args(argv))
     assert len(runs) == len(curves)
     for run in runs:
         write_metrics(run.out_dir, curves[(run.group.optimizer, run.lr, run.seed)])
@@ -118,15 +118,15 @@ def test_variants_are_groups_with_their_own_overrides_and_can_be_the_baseline(tm
     argv = [BASE, "--baseline", "sophiag", "--optimizers", "", "--steps", "10", "--lr_grid", "1", "--seeds", "1",
             "--variant", "k1=sophiag --hess_interval=1", "--variant", "hutch=sophiag:0.5 --hess_estimator=hutchinson",
             "--lrs", "hutch=3e-4", "--runs_dir", str(runs_dir), "--hess_batch_size=6"]
-    groups, runs = compare.plan(*compare.parse_args(argv))
+    groups, runs = compare_plan.plan(*compare.parse_args(argv))
     assert [(g.label, g.optimizer, g.steps, g.overrides) for g in groups] == [
         ("sophiag", "sophiag", 10, ()), ("k1", "sophiag", 10, ("--hess_interval=1",)),
         ("hutch", "sophiag", 5, ("--hess_estimator=hutchinson",))]
     by_label = {r.group.label: r for r in runs}
     assert by_label["k1"].out_dir == runs_dir / "k1_T10_lr0.0005_s1"
-    assert compare.resolve(by_label["k1"].args)["hess_interval"] == 1
-    assert compare.resolve(by_label["sophiag"].args)["hess_interval"] == 10
-    assert by_label["hutch"].lr == 3e-4 and compare.resolve(by_label["hutch"].args)["hess_estimator"] == "hutchinson"
+    assert compare_plan.resolve(by_label["k1"].args)["hess_interval"] == 1
+    assert compare_plan.resolve(by_label["sophiag"].args)["hess_interval"] == 10
+    assert by_label["hutch"].lr == 3e-4 and compare_plan.resolve(by_label["hutch"].args)["hess_estimator"] == "hutchinson"
     for run, final in zip(runs, (2.0, 1.8, 2.5)):
         write_metrics(run.out_dir, {0: 4.0, run.group.steps: final})
     results = compare.main(argv)
@@ -146,11 +146,11 @@ def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp
             "--variant", "adamw_w20=adamw --beta2=0.95 --warmup_iters=4000",
             "--variant", "sophiag_w20=sophiag --warmup_iters=4000", "--runs_dir", str(tmp_path / "runs"),
             "--hess_batch_size=6"]
-    groups, runs = compare.plan(*compare.parse_args(argv))
+    groups, runs = compare_plan.plan(*compare.parse_args(argv))
     assert [(g.label, g.warmup_iters) for g in groups] == [("adamw", 1000), ("adamw_w20", 4000), ("sophiag_w20", 4000)]
-    assert all(compare.resolve(r.args)["warmup_iters"] == r.group.warmup_iters for r in runs)
-    assert compare.resolve(runs[2].args)["beta2"] == 0.95
-    order = [(r.group.label, r.lr) for r in compare.round_robin(runs)]
+    assert all(compare_plan.resolve(r.args)["warmup_iters"] == r.group.warmup_iters for r in runs)
+    assert compare_plan.resolve(runs[2].args)["beta2"] == 0.95
+    order = [(r.group.label, r.lr) for r in compare_run.round_robin(runs)]
     assert [label for label, _ in order] == ["adamw", "adamw_w20", "sophiag_w20"] * 2
     assert order[:3] == [(g.label, g.lrs[0]) for g in groups]
 
@@ -163,8 +163,8 @@ def test_ablation_studies_run_the_papers_variants_sharing_the_baseline_and_colle
     assert list(argvs) == ["rho_beta2", "hess_interval", "preconditioner", "clipping"]
     settings = {}
     for study_argv in argvs.values():
-        for run in compare.plan(*compare.parse_args(study_argv))[1]:
-            settings[run.out_dir.name.split("_T")[0]] = compare.resolve(run.args)
+        for run in compare_plan.plan(*compare.parse_args(study_argv))[1]:
+            settings[run.out_dir.name.split("_T")[0]] = compare_plan.resolve(run.args)
             if not run.out_dir.exists():
                 write_metrics(run.out_dir, {0: 4.0, 10: 2.0 + 0.01 * len(settings)})
     # 9 rho x beta2 cells (the baseline is one), k 1 and 100, 3 pre-conditioners, 3 clipping
@@ -263,7 +263,7 @@ def test_significance_on_synthetic_metrics(tmp_path):
               "lion": [2.00, 2.22, 2.12]}
     argv = [BASE, "--optimizers", "adamw,sophiag,sophiah,lion", "--steps", "10", "--lr_grid", "1", "--seeds",
             "1,2,3", "--runs_dir", str(runs_dir), "--hess_batch_size=6"]
-    for run in compare.plan(*compare.parse_args(argv))[1]:
+    for run in compare_plan.plan(*compare.parse_args(argv))[1]:
         write_metrics(run.out_dir, {0: 4.0, run.group.steps: finals[run.group.optimizer][run.seed - 1]})
 
     results = compare.main(argv)
@@ -327,7 +327,7 @@ def test_significance_without_finished_seeds(tmp_path):
     argv = [BASE, "--optimizers", "adamw,sophiag,lion", "--steps", "10", "--lr_grid", "1", "--seeds", "1,2",
             "--runs_dir", str(runs_dir), "--hess_batch_size=6"]
     finals = {"adamw": [2.1, 2.2], "sophiag": [2.0, math.nan], "lion": [2.3, 2.4]}
-    for run in compare.plan(*compare.parse_args(argv))[1]:
+    for run in compare_plan.plan(*compare.parse_args(argv))[1]:
         write_metrics(run.out_dir, {0: 4.0, run.group.steps: finals[run.group.optimizer][run.seed - 1]})
     results = compare.main(argv)
     sophiag, lion = group(results, "sophiag"), group(results, "lion")
@@ -353,7 +353,7 @@ def test_results_tell_runs_not_run_from_failed_ones(tmp_path, monkeypatch):
     runs_dir = tmp_path / "runs"
     argv = [BASE, "--optimizers", "adamw,sophiag,lion", "--steps", "10", "--lr_grid", "1", "--seeds", "1,2",
             "--runs_dir", str(runs_dir), "--hess_batch_size=6"]
-    for run in compare.plan(*compare.parse_args(argv))[1]:
+    for run in compare_plan.plan(*compare.parse_args(argv))[1]:
         if run.group.label == "adamw" or (run.group.label == "lion" and run.seed == 1):
             write_metrics(run.out_dir, {0: 4.0, run.group.steps: 2.0})
     results = compare.main(argv + ["--no_train"])
@@ -369,9 +369,9 @@ def test_results_tell_runs_not_run_from_failed_ones(tmp_path, monkeypatch):
     assert "failed" not in md
 
     # Training them now: every run started exits 1 at once.
-    real_run = compare.subprocess.run
-    monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
-                        else compare.subprocess.CompletedProcess(argv, 1))
+    real_run = compare_run.subprocess.run
+    monkeypatch.setattr(compare_run.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
+                        else compare_run.subprocess.CompletedProcess(argv, 1))
     compare.main(argv)
     md = (runs_dir / "results.md").read_text()
     lines = md.splitlines()
@@ -444,9 +444,9 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     (redo / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     others = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/metrics.jsonl") if p.parent != redo}
     started = []
-    real_run = compare.subprocess.run
-    monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
-                        else started.append(argv) or compare.subprocess.CompletedProcess(argv, 0))
+    real_run = compare_run.subprocess.run
+    monkeypatch.setattr(compare_run.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
+                        else started.append(argv) or compare_run.subprocess.CompletedProcess(argv, 0))
 
     # --no_train starts nothing: the unfinished run counts as not run.
     partial = compare.main(argv + ["--no_train"])
@@ -485,7 +485,7 @@ def test_downstream_scores_of_finished_runs_are_cached_in_each_run(tmp_path, cap
             "--runs_dir", str(runs_dir), "--hess_batch_size=6", "--dataset=shakespeare", "--eval_device=cpu",
             "--hellaswag", str(HELLASWAG), "--hellaswag_limit", "3",
             "--superglue", str(SUPERGLUE), "--superglue_tasks", "rte,copa", "--superglue_limit", "2"]
-    _, runs = compare.plan(*compare.parse_args(argv))
+    _, runs = compare_plan.plan(*compare.parse_args(argv))
     for run in runs:
         write_metrics(run.out_dir, {0: 4.0, run.group.steps: 2.0})
     adamw_dir = next(r.out_dir for r in runs if r.group.label == "adamw")
@@ -556,7 +556,7 @@ def test_downstream_mean_and_std_over_seeds_at_the_best_lr(tmp_path, monkeypatch
     argv = [BASE, "--optimizers", "adamw,sophiag", "--steps", "10", "--lrs", "adamw=1e-3,2e-3",
             "--lrs", "sophiag=1e-3,2e-3", "--seeds", "1,2,3", "--runs_dir", str(runs_dir), "--hess_batch_size=6",
             "--hellaswag", str(HELLASWAG), "--superglue", str(SUPERGLUE), "--superglue_tasks", "cb"]
-    for run in compare.plan(*compare.parse_args(argv))[1]:
+    for run in compare_plan.plan(*compare.parse_args(argv))[1]:
         write_metrics(run.out_dir, {0: 4.0, run.group.steps: 2.0 if run.lr == 1e-3 else 2.5})
         (run.out_dir / f"ckpt_{run.group.steps:08d}.pt").write_bytes(b"stand-in")
     acc_norm = {("adamw", 1): 0.30, ("adamw", 2): 0.32, ("adamw", 3): 0.34, ("sophiag", 1): 0.40, ("sophiag", 2): 0.44}
@@ -647,9 +647,9 @@ def test_variant_configs_are_found_by_family(tmp_path):
     for name in ("train_x.py", "train_x_adamw.py", "train_x_sophiag.py"):
         (tmp_path / name).write_text("")
     base = tmp_path / "train_x_adamw.py"
-    assert compare.optimizer_config(base, "sophiag", {}) == tmp_path / "train_x_sophiag.py"
-    assert compare.optimizer_config(base, "lion", {}) == tmp_path / "train_x.py"
-    assert compare.optimizer_config(base, "lion", {"lion": "mine.py"}) == Path("mine.py")
+    assert compare_plan.optimizer_config(base, "sophiag", {}) == tmp_path / "train_x_sophiag.py"
+    assert compare_plan.optimizer_config(base, "lion", {}) == tmp_path / "train_x.py"
+    assert compare_plan.optimizer_config(base, "lion", {"lion": "mine.py"}) == Path("mine.py")
 
 
 # ----------------------------------------------------------------------------- toy landscape (paper Fig. 2)
