@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = resolve([groups[0].config, *overrides])["dataset"]
         prepare_dataset(ROOT / "data" / dataset)  # once, not racing in parallel runs
     states = execute(runs, args)
+    results = summarize(groups, runs, states, args, overrides).to_json()
+    if args.dry_run:
+        return results
     out = Path(args.results_dir or args.runs_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = summarize(groups, runs, states, args, overrides).to_json()
     add_downstream(results, benches, args)
     plots = plot_all(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
