@@ -82,9 +82,11 @@ optimizer_impl = "auto"  # Sophia's update: 'auto' (compiled when compile=True, 
 hess_estimator = "auto"  # Sophia's estimator: 'auto' (sophiag: 'gnb', sophiah: 'hutchinson'); ablations: 'empirical_fisher', 'adahessian'
 sophia_clip = True  # Sophia's per-coordinate clip to [-1, 1]; False only for the no-clipping ablation
 # learning rate schedule
-decay_lr = True  # linear warmup then cosine decay; False keeps learning_rate constant
+decay_lr = True  # linear warmup then lr_schedule's decay; False keeps learning_rate constant
+lr_schedule = "cosine"  # 'cosine' (to min_lr at lr_decay_iters) or 'wsd' (constant, then 1-sqrt decay to min_lr)
+decay_fraction = 0.2  # 'wsd' only: the decay takes this last fraction of lr_decay_iters
 warmup_iters = 2000  # steps of linear warmup
-lr_decay_iters = 100000  # step at which the cosine reaches min_lr (usually max_iters)
+lr_decay_iters = 100000  # step at which the schedule reaches min_lr (usually max_iters)
 min_lr = 3e-5  # final learning rate (paper: 0.05 x peak)
 # system
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -133,6 +135,14 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr={cfg.min_lr} exceeds learning_rate={cfg.learning_rate}: the schedule would rise; "
                         f"lower --min_lr (the paper uses 0.05 x learning_rate)")
+    if cfg.lr_schedule not in ("cosine", "wsd"):
+        raise UserError(f"lr_schedule={cfg.lr_schedule!r} is unknown; choose 'cosine' or 'wsd'")
+    if not 0.0 < cfg.decay_fraction <= 1.0:
+        raise UserError(f"decay_fraction={cfg.decay_fraction} must lie in (0, 1]: the share of lr_decay_iters "
+                        f"that lr_schedule='wsd' spends decaying (0.2: the last 20%)")
+    if cfg.decay_lr and cfg.lr_schedule == "wsd" and wsd_decay_start(cfg) < cfg.warmup_iters:
+        raise UserError(f"decay_fraction={cfg.decay_fraction} starts the decay at step {wsd_decay_start(cfg)}, "
+                        f"inside warmup_iters={cfg.warmup_iters}; lower decay_fraction or warmup_iters")
     if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
         raise UserError(f"lr_decay_iters={cfg.lr_decay_iters} is before the end of warmup_iters={cfg.warmup_iters}; "
                         f"set --lr_decay_iters to the run's length (usually max_iters)")
@@ -199,14 +209,29 @@ def tokens_per_step(cfg: Config) -> int:
     return cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
 
+def wsd_decay_start(cfg: Config) -> int:
+    """The step at which lr_schedule='wsd' leaves the peak for its decay."""
+    return cfg.lr_decay_iters - round(cfg.decay_fraction * cfg.lr_decay_iters)
+
+
 def get_lr(cfg: Config, it: int) -> float:
-    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup for warmup_iters, a decay to min_lr at lr_decay_iters, then min_lr. The
+    decay is a cosine, or for lr_schedule='wsd' (warmup-stable-decay) the peak held until the
+    last decay_fraction of lr_decay_iters and then 1 - sqrt of the decay's progress: the cooldown
+    Hägele et al. 2024 ("Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    Durations") found better than a linear one and, over 20% of the run, a match for cosine."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > cfg.lr_decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        start = wsd_decay_start(cfg)
+        if it < start:
+            return cfg.learning_rate
+        ratio = (it - start) / max(1, cfg.lr_decay_iters - start)
+        return cfg.min_lr + (1.0 - math.sqrt(ratio)) * (cfg.learning_rate - cfg.min_lr)
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 

@@ -3,8 +3,8 @@ anything runs, following the Sophia paper's methodology (Sec. 3.2).
 
 The baseline (--baseline, default adamw) runs T = --steps steps; every other optimizer runs
 its budget, a fraction of T (`sophiag:0.5`, or the defaults: Sophia T/2, Lion and AdamW T).
-Every run has its own cosine schedule (lr_decay_iters = max_iters = its budget, min_lr at
-the configured min_lr / learning_rate ratio) and a peak-LR sweep with the same grid
+Every run has its own schedule, cosine or WSD (lr_schedule; lr_decay_iters = max_iters = its
+budget, so each run ends its own decay; min_lr at the configured min_lr / learning_rate ratio) and a peak-LR sweep with the same grid
 density for every optimizer: --lr_grid multiplies each optimizer's configured LR, or
 --lrs OPT=a,b,c gives explicit lists (all of the same length). The warmup is the same
 number of steps in every run: T x the baseline config's warmup_iters / max_iters (or
@@ -59,7 +59,7 @@ RUNNER_KEYS = {"max_iters": "--steps", "lr_decay_iters": "--steps", "warmup_iter
                "optimizer_name": "--optimizers"}
 # Settings that must be the same for every optimizer for the comparison to be fair.
 FAIR_KEYS = ("dataset", "batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-             "dropout", "bias", "scale_attn_by_inverse_layer_idx", "grad_clip", "decay_lr", "eval_interval",
+             "dropout", "bias", "scale_attn_by_inverse_layer_idx", "grad_clip", "decay_lr", "lr_schedule", "decay_fraction", "eval_interval",
              "eval_iters", "dtype")
 
 

@@ -154,6 +154,12 @@ def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp
     assert [label for label, _ in order] == ["adamw", "adamw_w20", "sophiag_w20"] * 2
     assert order[:3] == [(g.label, g.lrs[0]) for g in groups]
 
+    # WSD for every run: each ends its own decay, over the last decay_fraction of its own steps.
+    _, wsd = compare.plan(*compare.parse_args(argv + ["--optimizers", "sophiag:0.5", "--lr_schedule=wsd"]))
+    half = next(r for r in wsd if r.group.steps == 10000)
+    assert {compare.resolve(r.args)["lr_schedule"] for r in wsd} == {"wsd"}
+    assert compare.resolve(half.args)["lr_decay_iters"] == 10000
+
 
 def test_ablation_studies_run_the_papers_variants_sharing_the_baseline_and_collect_their_tables(tmp_path):
     runs_dir = tmp_path / "runs"
@@ -615,6 +621,7 @@ def test_downstream_mean_and_std_over_seeds_at_the_best_lr(tmp_path, monkeypatch
     (["--variant", "sophiah=sophiag --hess_interval=1"], "is an optimizer's name"),
     (["--variant", "k1=sophiag --max_iters=5"], "use --steps"),
     (["--variant", "k1=sophiag --batch_size=24"], "k1 (config/train_shakespeare_char_sophiag.py) sets batch_size=24"),
+    (["--variant", "w=sophiag --lr_schedule=wsd"], "w (config/train_shakespeare_char_sophiag.py) sets lr_schedule='wsd'"),
     (["--variant", "k1=sophiag", "--variant", "k1=sophiah"], "a label is used twice"),
     (["--baseline", "k2", "--variant", "k1=sophiag"], "nor a --variant label"),
     (["--hellaswag", "nowhere/hellaswag_val.jsonl"], "nowhere/hellaswag_val.jsonl not found"),

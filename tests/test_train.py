@@ -298,6 +298,24 @@ def test_get_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert train.get_lr(train.Config(cfg | {"decay_lr": False}), 500) == 1.0
 
 
+def test_wsd_warms_up_like_cosine_holds_the_peak_then_decays_by_1_minus_sqrt_over_the_last_fraction():
+    """lr_schedule='wsd', decay_fraction=0.2 of lr_decay_iters=110: the same warmup as cosine, the
+    peak until step 88 (110 - 22), then min_lr + (1 - sqrt(progress)) (peak - min_lr) to step 110."""
+    cosine = train.Config(train.DEFAULTS | {"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10,
+                                            "lr_decay_iters": 110})
+    wsd = train.Config(cosine | {"lr_schedule": "wsd", "decay_fraction": 0.2})
+    assert [train.get_lr(wsd, i) for i in range(10)] == [train.get_lr(cosine, i) for i in range(10)]
+    assert [train.get_lr(wsd, i) for i in range(10, 89)] == [1.0] * 79
+    assert train.get_lr(wsd, 99) == pytest.approx(0.1 + (1 - math.sqrt(0.5)) * 0.9)  # halfway through the decay
+    assert train.get_lr(wsd, 110) == pytest.approx(0.1) and train.get_lr(wsd, 1000) == pytest.approx(0.1)
+    decay = [train.get_lr(wsd, i) for i in range(88, 111)]
+    assert all(a > b for a, b in itertools.pairwise(decay))
+    # A run of half the length (the comparison's T/2) ends its own decay: over its last 20%.
+    half = train.Config(wsd | {"lr_decay_iters": 55})
+    assert train.get_lr(half, 43) == 1.0 and train.get_lr(half, 44) == 1.0 and train.get_lr(half, 45) < 1.0
+    assert train.get_lr(half, 55) == pytest.approx(0.1)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 @pytest.fixture(scope="module")
@@ -401,6 +419,11 @@ cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
                  id="seed-out-of-range"),
     pytest.param(["--fsdp=True", "--optimizer_name=muon"], ["fsdp=True does not work with optimizer_name='muon'"],
                  id="muon-with-fsdp"),
+    pytest.param(["--lr_schedule=linear"], ["lr_schedule='linear' is unknown", "'wsd'"], id="unknown-lr-schedule"),
+    pytest.param(["--lr_schedule=wsd", "--decay_fraction=0"], ["decay_fraction=0.0 must lie in (0, 1]"],
+                 id="wsd-without-decay"),
+    pytest.param(["--lr_schedule=wsd", "--decay_fraction=0.9", "--max_iters=20", "--lr_decay_iters=20"],
+                 ["starts the decay at step 2, inside warmup_iters=4"], id="wsd-decay-inside-warmup"),
 ])
 def test_bad_input_is_refused_with_one_error_line(capsys, out_dir, args, fragments):
     expect_user_error(capsys, out_dir, args, *fragments)
