@@ -155,10 +155,10 @@ def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp
     assert order[:3] == [(g.label, g.lrs[0]) for g in groups]
 
     # WSD for every run: each ends its own decay, over the last decay_fraction of its own steps.
-    _, wsd = compare.plan(*compare.parse_args(argv + ["--optimizers", "sophiag:0.5", "--lr_schedule=wsd"]))
+    _, wsd = compare_plan.plan(*compare.parse_args(argv + ["--optimizers", "sophiag:0.5", "--lr_schedule=wsd"]))
     half = next(r for r in wsd if r.group.steps == 10000)
-    assert {compare.resolve(r.args)["lr_schedule"] for r in wsd} == {"wsd"}
-    assert compare.resolve(half.args)["lr_decay_iters"] == 10000
+    assert {compare_plan.resolve(r.args)["lr_schedule"] for r in wsd} == {"wsd"}
+    assert compare_plan.resolve(half.args)["lr_decay_iters"] == 10000
 
 
 def test_ablation_studies_run_the_papers_variants_sharing_the_baseline_and_collect_their_tables(tmp_path):
