@@ -323,6 +323,34 @@ def significance_lines(results: dict) -> list[str]:
     return lines
 
 
+def tuning_lines(results: dict) -> list[str]:
+    """results.md's tuning section, for an optimizer with several groups at one budget (a grid
+    over its own knobs as variants): the settings finished, the best and the spread over them."""
+    grids: dict[tuple[str, int], list[dict]] = {}
+    for row in results["groups"]:
+        grids.setdefault((row["optimizer"], row["steps"]), []).append(row)
+    grids = {key: rows for key, rows in grids.items() if len(rows) > 1}
+    if not grids:
+        return []
+    lines = ["", "## Tuning grids", "",
+             ("Per optimizer, over its groups at one budget and their LRs (a setting: one group at one LR, its "
+              "final val loss the mean over the seeds): the best setting and the spread (worst − best) over the "
+              "settings finished so far, a measure of how much its knobs matter."), "",
+             "| optimizer | steps | settings finished | best setting | best | worst | spread |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for (optimizer, steps), rows in grids.items():
+        done = [(lr_row["val_loss_mean"], row["label"], lr_row["lr"]) for row in rows for lr_row in row["lrs"]
+                if lr_row["val_loss_mean"] is not None]
+        total = sum(len(row["lrs"]) for row in rows)
+        if not done:
+            lines.append(f"| {optimizer} | {steps} | 0 of {total} | — | — | — | — |")
+            continue
+        (best, label, lr), worst = min(done), max(done)[0]
+        lines.append(f"| {optimizer} | {steps} | {len(done)} of {total} | {label} at LR {lr:.3g} | {best:.4f} | "
+                     f"{worst:.4f} | {worst - best:.4f} |")
+    return lines
+
+
 def markdown(results: dict, plots: list[Path]) -> str:
     """results.md: the summary table, the tests against the baseline, every LR's losses and the plots."""
     seeds = ", ".join(map(str, results["seeds"]))
@@ -351,6 +379,7 @@ def markdown(results: dict, plots: list[Path]) -> str:
     if variants:
         lines += ["", "Variants: " + "; ".join(f"{row['label']} = {shlex.join([row['optimizer'], *row['overrides']])}"
                                                 for row in variants) + "."]
+    lines += tuning_lines(results)
     lines += significance_lines(results)
     lines += downstream_lines(results)
     lines += [

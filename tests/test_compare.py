@@ -136,6 +136,9 @@ def test_variants_are_groups_with_their_own_overrides_and_can_be_the_baseline(tm
     md = (runs_dir / "results.md").read_text()
     assert "| k1 | 10 | 0.0005 | 1.8000 |" in md
     assert "Variants: k1 = sophiag --hess_interval=1; hutch = sophiag --hess_estimator=hutchinson." in md
+    # sophiag and k1 are one grid (Sophia-G at 10 steps), hutch at 5 steps is alone: no row.
+    assert "| sophiag | 10 | 2 of 2 | k1 at LR 0.0005 | 1.8000 | 2.0000 | 0.2000 |" in md
+    assert "| sophiag | 5 |" not in md.split("## Tuning grids")[1].split("##")[0]
 
 
 def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp_path):
