@@ -31,31 +31,32 @@ from scripts.plot_compare import plot_all
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The runner's options and the --key=value overrides passed on to every run."""
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", usage="%(prog)s CONFIG [options] [--key=value ...]",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+                                    prog, max_help_position=30, width=110),
                                 allow_abbrev=False)  # else --seed=1 would silently mean --seeds
     p.add_argument("config", help="base config file, e.g. config/train_shakespeare_char.py")
     w = p.add_argument_group("what to compare (every other --key=value goes to every run)")
-    w.add_argument("--optimizers", default="adamw,sophiag", help="comma list of OPT or OPT:FRACTION of T")
-    w.add_argument("--variant", action="append", default=[], metavar='"LABEL=OPT[:FRACTION] --key=value ..."',
-                   help="an extra group: OPT with its own overrides, named LABEL (repeatable)")
-    w.add_argument("--baseline", default="adamw", help="the optimizer or variant whose tuned loss is the target")
+    w.add_argument("--optimizers", metavar="LIST", default="adamw,sophiag", help="comma list of OPT or OPT:FRACTION of T")
+    w.add_argument("--variant", action="append", default=[], metavar="SPEC",
+                   help='an extra group "LABEL=OPT[:FRACTION] --key=value ..." (repeatable)')
+    w.add_argument("--baseline", metavar="LABEL", default="adamw", help="the optimizer or variant whose tuned loss is the target")
     w.add_argument("--config_for", action="append", default=[], metavar="OPT=FILE",
                    help="config file for one optimizer (repeatable; default: <family>_OPT.py)")
     s = p.add_argument_group("the sweep")
-    s.add_argument("--steps", type=int, help="T, the baseline's steps (default: the config's max_iters)")
-    s.add_argument("--lr_grid", default="0.5,1,2", help="multipliers of each optimizer's learning_rate")
-    s.add_argument("--lrs", action="append", default=[], metavar="OPT=LR,LR,...",
+    s.add_argument("--steps", metavar="T", type=int, help="T, the baseline's steps (default: the config's max_iters)")
+    s.add_argument("--lr_grid", metavar="LIST", default="0.5,1,2", help="multipliers of each optimizer's learning_rate")
+    s.add_argument("--lrs", action="append", default=[], metavar="OPT=LIST",
                    help="explicit peak LRs for one optimizer (repeatable; as many as the grid)")
-    s.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
-    s.add_argument("--warmup_iters", type=int, help="warmup steps of every run (default: the config's fraction of T)")
-    s.add_argument("--alpha", type=float, default=0.05, help="level of the one-sided tests (default 0.05)")
+    s.add_argument("--seeds", metavar="LIST", default="1,2,3", help="comma list of seeds")
+    s.add_argument("--warmup_iters", metavar="N", type=int, help="warmup steps of every run (default: the config's fraction of T)")
+    s.add_argument("--alpha", metavar="A", type=float, default=0.05, help="level of the one-sided tests (default 0.05)")
     r = p.add_argument_group("running")
-    r.add_argument("--runs_dir", default="out-compare", help="folder of the runs (and of the results)")
-    r.add_argument("--results_dir", default=None, help="folder of the results and plots (default: --runs_dir)")
+    r.add_argument("--runs_dir", metavar="DIR", default="out-compare", help="folder of the runs (and of the results)")
+    r.add_argument("--results_dir", metavar="DIR", default=None, help="folder of the results and plots (default: --runs_dir)")
     r.add_argument("--launcher", choices=("local", "slurm"), default="local",
                    help="local subprocesses, or one SLURM batch job per run")
-    r.add_argument("--jobs", type=int, default=1, help="local runs in parallel")
-    r.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    r.add_argument("--jobs", metavar="N", type=int, default=1, help="local runs in parallel")
+    r.add_argument("--threads", metavar="N", type=int, default=os.cpu_count() or 1,
                    help="CPU threads shared out over the local runs (default: all cores)")
     r.add_argument("--no_train", action="store_true", help="start nothing: report the runs' states and results")
     r.add_argument("--dry_run", action="store_true", help="print the commands or job scripts; start nothing")
@@ -64,9 +65,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     d.add_argument("--hellaswag", metavar="PATH", help="HellaSwag jsonl: acc_norm and acc")
     d.add_argument("--hellaswag_limit", type=int, default=0, metavar="N", help="its first N examples (0: all)")
     d.add_argument("--superglue", metavar="DIR", help="SuperGLUE folder: 2-shot accuracy per task and average")
-    d.add_argument("--superglue_tasks", default="boolq,rte,cb,copa", help="comma list (default: the paper's four)")
+    d.add_argument("--superglue_tasks", metavar="LIST", default="boolq,rte,cb,copa", help="comma list (default: the paper's four)")
     d.add_argument("--superglue_limit", type=int, default=0, metavar="N", help="first N examples per task (0: all)")
-    d.add_argument("--eval_device", default="auto", help="device of the scoring: auto, cpu, cuda, cuda:N or mps")
+    d.add_argument("--eval_device", metavar="DEV", default="auto", help="device of the scoring: auto, cpu, cuda, cuda:N or mps")
     args, extra = p.parse_known_args(argv)
     check_overrides(extra, "expected a runner option (see --help) or a train.py override --key=value")
     if args.jobs < 1 or args.threads < 1:

@@ -291,11 +291,11 @@ def check_reused(run: Run) -> None:
     saved_path = run.out_dir / "config.json"
     if not saved_path.exists():
         return
-    saved = json.loads(saved_path.read_text())
     wanted = json.loads(json.dumps(resolve(run.args)))
     # A key newer than the run's config.json counts as its default (what the older code ran with).
-    changed = [k for k in wanted if k != "init_from" and saved.get(k, DEFAULTS.get(k)) != wanted[k]]
+    ran = {**json.loads(json.dumps(DEFAULTS)), **json.loads(saved_path.read_text())}
+    changed = [k for k in wanted if k != "init_from" and ran.get(k) != wanted[k]]
     if changed:
         k = changed[0]
-        raise UserError(f"{run.out_dir} holds a run with {k}={saved[k]!r}, not {wanted[k]!r}; use a new "
+        raise UserError(f"{run.out_dir} holds a run with {k}={ran.get(k)!r}, not {wanted[k]!r}; use a new "
                         f"--runs_dir or delete that folder")

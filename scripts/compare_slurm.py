@@ -9,7 +9,8 @@ job array: each run is requeued, failed and resubmitted on its own, and its job 
 
 The job: the setup line (module loads, venv activation), then `python train.py ...
 --init_from=auto` for a single process, else `srun` starting one `torch.distributed.run`
-(torchrun) per node with the c10d rendezvous on the job's first node. Its console output is
+(torchrun) per node with the c10d rendezvous on the job's first node; torchrun gives its ranks
+--signal_s seconds to checkpoint after it forwards a stop. Its console output is
 appended to <out_dir>/train.log, as for a local run.
 
 Preemption: the job asks for USR1 `--signal_s` seconds before its time limit
@@ -51,22 +52,22 @@ QUEUED = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The --launcher slurm options."""
     s = parser.add_argument_group("SLURM (--launcher slurm): one batch job per run")
-    s.add_argument("--partition", help="#SBATCH --partition")
-    s.add_argument("--account", help="#SBATCH --account")
-    s.add_argument("--qos", help="#SBATCH --qos")
-    s.add_argument("--time", help="time limit of each job, e.g. 24:00:00 (a longer run is requeued from its checkpoint)")
-    s.add_argument("--nodes", type=int, default=1, help="nodes per run (default 1)")
-    s.add_argument("--gpus_per_node", type=int, default=0, help="GPUs per node, one training process each (default 0)")
-    s.add_argument("--cpus_per_task", type=int, default=1,
+    s.add_argument("--partition", metavar="NAME", help="#SBATCH --partition")
+    s.add_argument("--account", metavar="NAME", help="#SBATCH --account")
+    s.add_argument("--qos", metavar="NAME", help="#SBATCH --qos")
+    s.add_argument("--time", metavar="LIMIT", help="time limit per job, e.g. 24:00:00 (longer runs requeue from a checkpoint)")
+    s.add_argument("--nodes", metavar="N", type=int, default=1, help="nodes per run (default 1)")
+    s.add_argument("--gpus_per_node", metavar="N", type=int, default=0, help="GPUs per node, one training process each (default 0)")
+    s.add_argument("--cpus_per_task", metavar="N", type=int, default=1,
                    help="CPUs per node (one task per node starts its processes; default 1)")
-    s.add_argument("--mem", help="memory per node, e.g. 64G")
+    s.add_argument("--mem", metavar="SIZE", help="memory per node, e.g. 64G")
     s.add_argument("--sbatch", action="append", default=[], metavar="LINE",
                    help="an extra #SBATCH line, e.g. --sbatch=--constraint=a100 (repeatable)")
-    s.add_argument("--setup", default="", help="shell line run first in each job, e.g. 'module load cuda; . venv/bin/activate'")
-    s.add_argument("--signal_s", type=int, default=300,
-                   help="seconds before the time limit at which a job checkpoints and requeues itself (default 300)")
+    s.add_argument("--setup", metavar="LINE", default="", help="shell line run first in each job, e.g. 'module load cuda; . venv/bin/activate'")
+    s.add_argument("--signal_s", metavar="S", type=int, default=300,
+                   help="seconds before the time limit to checkpoint and requeue (default 300)")
     s.add_argument("--wait", action="store_true", help="wait until no run is queued or running, then write the results")
-    s.add_argument("--poll_s", type=float, default=60, help="seconds between looks at the queue with --wait (default 60)")
+    s.add_argument("--poll_s", metavar="S", type=float, default=60, help="seconds between looks at the queue with --wait (default 60)")
     s.add_argument("--retry_failed", action="store_true", help="submit again runs that failed with a user error (exit 2)")
 
 
@@ -98,7 +99,8 @@ def script(run: Run, args: argparse.Namespace) -> str:
     else:  # one torchrun per node; the port from the job id, so two jobs sharing a node do not collide
         launch = ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
                   'srun --kill-on-bad-exit=1 ' + shlex.join([train[0], "-m", "torch.distributed.run"])
-                  + f' --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={procs} --rdzv_backend=c10d'
+                  + f' --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={procs} --shutdown_timeout={args.signal_s}'
+                  + ' --rdzv_backend=c10d'
                   + ' --rdzv_endpoint="$head:$((20000 + SLURM_JOB_ID % 20000))" --rdzv_id="$SLURM_JOB_ID" '
                   + shlex.join(train[1:]))
     return "\n".join([

@@ -355,6 +355,27 @@ def test_significance_without_finished_seeds(tmp_path):
     assert "No test: the baseline adamw has no LR at which every seed finished." in md
 
 
+def test_a_finished_run_of_older_code_is_reused_and_another_runs_settings_refused(tmp_path, capsys):
+    """A run's config.json from older code lacks the keys added since: they count as their
+    defaults, so the run is finished and not rerun. A missing key whose wanted value is not the
+    default, or a differing one, is another run: refused with one line."""
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--optimizers", "adamw", "--steps", "10", "--lr_grid", "1", "--seeds", "1",
+            "--runs_dir", str(runs_dir), "--n_layer=1", "--no_train"]
+    run = compare_plan.plan(*compare.parse_args(argv))[1][0]
+    write_metrics(run.out_dir, {0: 4.0, 10: 2.0})
+    config = compare_plan.resolve(run.args)
+    added = next(k for k, v in config.items() if v == compare_plan.DEFAULTS[k] and k != "init_from")
+    (run.out_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != added}))
+    results = compare.main(argv)
+    assert results["groups"][0]["lrs"][0]["runs"][0]["state"] == "done"
+
+    (run.out_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "n_layer"}))
+    with pytest.raises(SystemExit):
+        compare.main(argv)
+    assert f"error: {run.out_dir} holds a run with n_layer=12, not 1;" in capsys.readouterr().err
+
+
 def test_results_tell_runs_not_run_from_failed_ones(tmp_path, monkeypatch):
     """A group or LR without a final loss is "not run" while none of its runs has run (--no_train,
     or still training elsewhere), "K of N not run" when some have finished, and "failed" only
