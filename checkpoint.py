@@ -1,13 +1,17 @@
-"""Checkpoints: atomic writes, reading the latest, RNG state, and FSDP2's full state dicts.
+"""Checkpoints: atomic, self-verifying writes, reading the latest good one, pruning, RNG state,
+and FSDP2's full state dicts.
 
 A checkpoint out_dir/ckpt_<step>.pt is one torch.save'd dict: the model and optimizer state
 dicts (always unsharded, so a sharded run resumes unsharded and back), the training progress,
-every rank's RNG states, the config, the model's shape and the dataset's tokenizer (meta).
+every rank's RNG states, the config, the model's shape, the dataset's tokenizer (meta), and
+"checksums": a CRC-32 of every tensor's bytes and one of everything else, so damage that
+torch.load cannot see (bytes changed inside a tensor) is found on reading, like a truncation.
 """
 
 import os
 import random
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from model import GPT, GPTConfig
-from runtime import UserError
+from runtime import UserError, no_space
+from tokenizer import check_meta
 
 REQUIRED = ("model", "optimizer", "scaler", "model_args", "iter_num", "tokens", "best_val_loss", "config", "meta")
 
@@ -32,29 +37,106 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 def checkpoints(out_dir: Path) -> list[Path]:
-    """The checkpoints in out_dir, oldest first (names are zero-padded step numbers)."""
-    return sorted(Path(out_dir).glob("ckpt_*.pt"))
+    """The checkpoints in out_dir, oldest first (by the step number in their names)."""
+    return sorted(Path(out_dir).glob("ckpt_*.pt"), key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint from its name ckpt_<step>.pt (-1 for another name)."""
+    digits = path.name[len("ckpt_"):-len(".pt")]
+    return int(digits) if digits.isdigit() else -1
+
+
+def checksums(state: dict) -> dict[str, int]:
+    """A CRC-32 of each tensor's bytes (with its dtype and shape) by its path in `state`
+    ("model/lm_head.weight"), and under "" one of every other value's repr, in order. A
+    tensor on a device is read to the CPU for it."""
+    sums, rest = {}, 0
+
+    def visit(path: str, value) -> None:
+        nonlocal rest
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            head = f"{t.dtype}{tuple(value.shape)}".encode()
+            sums[path] = zlib.crc32(t.view(torch.uint8).numpy(), zlib.crc32(head))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{path}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            rest = zlib.crc32(f"{path}:{type(value).__name__}{len(value)};".encode(), rest)
+            for i, v in enumerate(value):
+                visit(f"{path}/{i}", v)
+        else:
+            rest = zlib.crc32(f"{path}={value!r};".encode(), rest)
+
+    for key, value in state.items():
+        if key != "checksums":
+            visit(key, value)
+    return {"": rest, **sums}
+
+
+def verify(checkpoint: dict, path: Path) -> None:
+    """UserError naming the first part of the checkpoint whose checksum differs from the one
+    saved with it. A checkpoint saved before checksums existed is taken as it is."""
+    saved = checkpoint.get("checksums")
+    if saved is None:
+        return
+    found = checksums(checkpoint)
+    if found != saved:
+        part = next(k for k in [*found, *saved] if saved.get(k) != found.get(k))
+        raise UserError(f"checkpoint {path} fails its checksum ({part or 'the values besides tensors'} changed "
+                        f"since it was written): it is damaged")
 
 
 def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
-    """Write ckpt_<step>.pt atomically (temporary file, fsync, rename, fsync of the folder),
-    so a crash at any moment leaves every earlier checkpoint intact; then delete all but
-    the `keep` latest."""
+    """Write ckpt_<step>.pt with its checksums atomically (temporary file, fsync, read back and
+    verified, rename, fsync of the folder), so a crash at any moment leaves every earlier
+    checkpoint intact; then prune. A full disk (or quota, or a read-only file system) is a
+    UserError, and the temporary file is removed."""
     path = out_dir / f"ckpt_{state['iter_num']:08d}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(out_dir, os.O_RDONLY)
+    state = {**state, "checksums": checksums(state)}
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    for old in checkpoints(out_dir)[:-keep]:
-        old.unlink()
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        read_checkpoint(tmp)
+        os.replace(tmp, path)
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        full = no_space(e, out_dir, f"checkpoint {path.name}", state_bytes(state))
+        if full:
+            raise full from None
+        raise
+    prune(out_dir, path, keep)
     return path
+
+
+def state_bytes(state) -> int:
+    """The bytes of the tensors in `state`: about the size of its checkpoint."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def prune(out_dir: Path, written: Path, keep: int) -> None:
+    """Delete, by step number, all but the `keep` latest checkpoints up to the one this run has
+    just written and verified (`written`, which is kept). A newer file than it is never
+    touched: a run only writes after setting aside (set_aside_damaged) every checkpoint newer
+    than the one it resumed from, so one would be another's."""
+    upto = [p for p in checkpoints(out_dir) if step_of(p) <= step_of(written)]
+    for old in upto[:-keep]:
+        old.unlink()
 
 
 def remove_partial_saves(out_dir: Path) -> None:
@@ -64,10 +146,11 @@ def remove_partial_saves(out_dir: Path) -> None:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """Load one checkpoint (weights_only: a checkpoint cannot run code); UserError if it is
-    damaged or not one of ours. The tensors stay memory-mapped on the CPU, so the ranks of a
-    large sharded run neither copy the whole file into their own memory nor onto their GPU;
-    loading them into the model and optimizer moves what each rank holds to its device."""
+    """Load one checkpoint (weights_only: a checkpoint cannot run code) and verify its checksums;
+    UserError if it is damaged or not one of ours. The tensors stay memory-mapped on the CPU,
+    so the ranks of a large sharded run neither copy the whole file into their own memory nor
+    onto their GPU; loading them into the model and optimizer moves what each rank holds to
+    its device."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -77,12 +160,14 @@ def read_checkpoint(path: Path) -> dict:
     if lacking:
         raise UserError(f"{path} is not a checkpoint of this project (no {', '.join(lacking)}); "
                         f"use a new --out_dir")
+    verify(checkpoint, path)
     return checkpoint
 
 
 def load_latest_checkpoint(out_dir: Path) -> tuple[dict, Path]:
-    """The newest readable checkpoint in out_dir and its path; a damaged newer one (a disk
-    that lost the end of a file) is reported and skipped."""
+    """The newest checkpoint in out_dir that reads and verifies, and its path; a damaged newer
+    one (a disk that lost the end of a file, or changed bytes inside it) is reported and
+    skipped."""
     paths = checkpoints(out_dir)
     if not paths:
         raise UserError(f"{out_dir} holds no checkpoint (ckpt_*.pt); train first, or point --out_dir at a run "
@@ -100,13 +185,30 @@ def load_latest_checkpoint(out_dir: Path) -> tuple[dict, Path]:
     raise damaged[0]
 
 
+def set_aside_damaged(out_dir: Path, resumed: Path) -> None:
+    """Rename every checkpoint newer than `resumed` (load_latest_checkpoint skipped them: they
+    are damaged) to <name>.damaged, saying so, so that no later save or prune mistakes one for
+    a good checkpoint and the damaged file stays for a look. Call it holding out_dir's lock."""
+    for path in checkpoints(out_dir):
+        if step_of(path) > step_of(resumed):
+            aside = path.with_name(path.name + ".damaged")
+            path.rename(aside)
+            print(f"moved the damaged checkpoint {path.name} aside to {aside.name}; it is kept, never read again",
+                  file=sys.stderr)
+
+
 def load_trained_model(out_dir: str | Path) -> tuple[GPT, dict]:
     """The model of out_dir's latest checkpoint (eval mode, CPU) and the meta of its dataset
     (the tokenizer); for sample.py and the scripts."""
-    checkpoint, _ = load_latest_checkpoint(Path(out_dir))
+    checkpoint, path = load_latest_checkpoint(Path(out_dir))
+    meta = check_meta(checkpoint["meta"], f"the dataset meta.json saved in {path}")
     model = GPT(GPTConfig(**checkpoint["model_args"]))
+    vocab_size = model.config.vocab_size
+    if meta["vocab_size"] > vocab_size or (meta["tokenizer"] == "char" and meta["vocab_size"] != vocab_size):
+        raise UserError(f"{path} holds a model of {vocab_size} tokens for a {meta['tokenizer']} tokenizer of "
+                        f"{meta['vocab_size']}: the ids it generates could not be decoded")
     model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint["meta"]
+    return model.eval(), meta
 
 
 def model_to_train(cfg, out_dir: Path, meta: dict, checkpoint: dict | None) -> tuple[GPT, dict]:

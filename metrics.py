@@ -6,6 +6,7 @@ not finite (a diverged loss, a NaN gradient norm) is written as null, so every l
 valid JSON; a train record's loss is null when every step since the last line was skipped.
 """
 
+import contextlib
 import json
 import math
 import netrc
@@ -17,28 +18,58 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from runtime import UserError
+from runtime import UserError, no_space
 
 
 class MetricsLog:
-    """Appends records to out_dir/metrics.jsonl (flushed: a killed run loses nothing it logged)
-    and to a wandb run when one is given. Only rank 0 has one."""
+    """Appends records to out_dir/metrics.jsonl and to a wandb run when one is given. Only rank 0
+    has one. Each record is one write of one whole line, so a killed run loses nothing it
+    logged and leaves at most a torn last line, which the next start cuts off (repair); a
+    write that fails (a full disk) is undone and becomes a UserError."""
 
     def __init__(self, out_dir: Path, wandb_run=None):
-        self.file = open(out_dir / "metrics.jsonl", "a")
+        self.path = out_dir / "metrics.jsonl"
+        repair(self.path)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.wandb_run = wandb_run
 
     def __call__(self, record: dict) -> None:
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        size = os.fstat(self.fd).st_size
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(self.fd, line[written:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, size)
+            raise no_space(e, self.path.parent, "a metrics record", len(line)) or e from None
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record["iter"])
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def repair(path: Path) -> None:
+    """Cut a torn last line (one without its newline: a write cut by a kill or a full disk) off
+    a metrics.jsonl before appending to it, saying so in one line; a complete record that only
+    lacks its newline gets it instead."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        tail = data[data.rfind(b"\n") + 1:]
+        if record_of(tail.decode("utf-8", "replace")) is not None:
+            f.write(b"\n")
+            return
+        f.truncate(len(data) - len(tail))
+    print(f"{path}: cut off a torn last line ({len(tail)} bytes, a record cut short by an interrupted write)")
 
 
 class StepWindow:
@@ -84,25 +115,38 @@ class StepWindow:
         return summary
 
 
+def record_of(line: str) -> dict | None:
+    """The record a metrics.jsonl line holds (JSON with kind and iter), else None."""
+    try:
+        record = json.loads(line)
+        int(record["iter"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return record if "kind" in record else None
+
+
 def read_metrics(path: Path) -> dict[str, list[dict]]:
     """The records of a metrics.jsonl by kind, each list sorted by step with one record per
-    step (the later one). A last line cut short by a kill (no newline) is ignored; any other
-    line that is not a record is a UserError naming it."""
+    step (the later one). A torn last line (no newline: a kill or a full disk cut the write)
+    is ignored, and so is the torn record that runs of earlier versions, which did not cut it
+    off (MetricsLog), glued to the start of the next one; any other line that is not a record
+    is a UserError naming it."""
     if not path.is_file():
         raise UserError(f"{path} not found; pass a run's out_dir or its metrics.jsonl")
-    text = path.read_text()
+    text = path.read_text(errors="replace")
     lines = text.splitlines()
     by_kind: dict[str, dict[int, dict]] = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            by_kind.setdefault(record["kind"], {})[int(record["iter"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        record = record_of(line)
+        if record is None and "{" in line[1:]:
+            record = record_of(line[line.rindex("{", 1):])  # the tail of a fragment + record line
+        if record is None:
             if n == len(lines) and not text.endswith("\n"):  # every record ends with one
                 continue
-            raise UserError(f"{path} line {n} is not a metrics record (JSON with kind and iter)") from None
+            raise UserError(f"{path} line {n} is not a metrics record (JSON with kind and iter)")
+        by_kind.setdefault(record["kind"], {})[int(record["iter"])] = record
     return {kind: [records[i] for i in sorted(records)] for kind, records in by_kind.items()}
 
 

@@ -27,8 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 from checkpoint import (all_finite, checkpoints, full_state_dicts, load_full_optimizer_state, load_latest_checkpoint,
-                        model_to_train, remove_partial_saves, rng_state, save_checkpoint, set_rng_state)
-from dataset import Batches, check_split, estimate_loss, holds_shards, prepare_dataset, read_split
+                        model_to_train, remove_partial_saves, rng_state, save_checkpoint, set_aside_damaged,
+                        set_rng_state)
+from dataset import Batches, check_split, dataset_meta, estimate_loss, prepare_dataset, read_split
 from metrics import MetricsLog, StepWindow, init_wandb
 from model import GPT, peak_flops
 from runtime import device_type as runtime_device_type
@@ -36,7 +37,6 @@ from runtime import (ROOT, DeviceTimer, RunLock, StopRequests, UserError, autoca
                      pick_dtype, set_grad_sync, shard_model, writable_dir)
 from sophia import IMPLEMENTATIONS as _IMPLEMENTATIONS  # "_": a public tuple here would be a config key
 from sophia import Sophia, SophiaG, SophiaH, gnb_hessian, hutchinson_hessian
-from tokenizer import read_meta
 
 # ----------------------------------------------------------------------------- defaults
 # GPT-2 small (124M) on OpenWebText with AdamW, batch 480 x 1024 tokens (paper Table 2).
@@ -440,15 +440,13 @@ class Trainer:
 
 def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) -> Trainer:
     """Check the data, build or resume the model, optimizer, sampler and estimator; nothing is
-    written before every check has passed (but out_dir exists)."""
+    written, and out_dir not even created, before every check has passed."""
     master = rank == 0
     device_type = runtime_device_type(dev)
     out_dir = Path(cfg.out_dir)
     if cfg.init_from == "resume" and not checkpoints(out_dir):  # before anything is created
         raise UserError(f"{out_dir} holds no checkpoint (ckpt_*.pt) to resume; train first, or point --out_dir at "
                         f"a run that has saved one")
-    if master:
-        writable_dir(out_dir, "--out_dir")
     torch.manual_seed(cfg.seed)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -468,25 +466,26 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
         prepare_dataset(data_dir)
     if dist.is_initialized():
         dist.barrier()
-    try:
-        meta = read_meta(data_dir)  # the tokenizer, saved in checkpoints for sample.py and the scripts
-    except FileNotFoundError:
-        meta = {"tokenizer": "gpt2", "vocab_size": 50257}
-        if master and not holds_shards(data_dir):  # llm.c shards are GPT-2 by definition: no doubt to warn of
-            print(f"warning: {data_dir / 'meta.json'} not found: assuming GPT-2 BPE tokens (vocab 50257); "
-                  f"a character-level dataset needs its meta.json", file=sys.stderr)
+    meta = dataset_meta(data_dir, warn=master)  # the tokenizer, saved in checkpoints for sample.py and the scripts
 
-    checkpoint = None
+    checkpoint = resumed = None
     if cfg.init_from == "resume" or (cfg.init_from == "auto" and checkpoints(out_dir)):
-        checkpoint, path = load_latest_checkpoint(out_dir)
+        checkpoint, resumed = load_latest_checkpoint(out_dir)
         if master:
-            print(f"resuming from step {checkpoint['iter_num']} of {path}")
+            print(f"resuming from step {checkpoint['iter_num']} of {resumed}")
+            was = Config(checkpoint["config"])
+            changed = [f"{k} {was[k]} -> {cfg[k]}" for k in ("batch_size", "gradient_accumulation_steps")
+                       if was[k] != cfg[k]]
+            if changed:
+                print(f"resuming with {' and '.join(changed)}: the data position is kept, but a step now takes "
+                      f"{tokens_per_step(cfg):,} tokens instead of {tokens_per_step(was):,}: the step size, and the "
+                      f"batches drawn from here on, are not those the run would have had")
         if checkpoint["config"]["dataset"] != cfg.dataset:
             raise UserError(f"checkpoint in {out_dir} was trained on dataset {checkpoint['config']['dataset']!r}, not "
                             f"{cfg.dataset!r}; resume with --dataset={checkpoint['config']['dataset']}, or use a new --out_dir")
     model, model_args = model_to_train(cfg, out_dir, meta, checkpoint)
     for split in ("train", "val"):
-        check_split(data_dir, split, model.config.vocab_size, cfg.block_size, meta.get(f"{split}_tokens"))
+        check_split(data_dir, split, model.config.vocab_size, cfg.block_size, meta)
     if checkpoint is None and checkpoints(out_dir):
         raise UserError(f"out_dir={str(out_dir)!r} already holds a run's checkpoints, which a new run would replace; "
                         f"continue it with --init_from=resume (or auto), or choose a new --out_dir")
@@ -500,8 +499,10 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
                         f"not {cfg.optimizer_name}; resume with the same optimizer_name or use a new --out_dir")
     lock = None
     if master:  # every check has passed: from here on this run owns out_dir
-        lock = RunLock(out_dir)
+        lock = RunLock(writable_dir(out_dir, "--out_dir"))
         remove_partial_saves(out_dir)
+        if resumed is not None:
+            set_aside_damaged(out_dir, resumed)
     if sharded:
         # Before the optimizer (it holds the shards) and before moving to the GPU: fully_shard
         # moves one block at a time and shards it, so the whole model is never on one GPU.

@@ -365,7 +365,7 @@ def make_dataset():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-CHAR_META = {"tokenizer": "char", "vocab_size": CHAR_VOCAB}
+CHAR_META = {"tokenizer": "char", "vocab_size": CHAR_VOCAB, "chars": "".join(chr(33 + i) for i in range(CHAR_VOCAB))}
 
 
 def char_ids(n: int = 2000, seed: int = 0) -> np.ndarray:
@@ -443,7 +443,7 @@ def test_resume_into_a_missing_folder_creates_nothing(capsys, tmp_path):
 
 
 def test_a_dataset_without_meta_json_is_assumed_gpt2_with_one_warning(capsys, tmp_path, make_dataset):
-    name = make_dataset(train_ids=char_ids(), val_ids=char_ids(seed=1))
+    name = make_dataset(train_ids=char_ids() + 1000, val_ids=char_ids(seed=1))  # an id above 255: not characters
     with contextlib.redirect_stdout(io.StringIO()):
         train.main([*TINY, f"--out_dir={tmp_path}", f"--dataset={name}", "--max_iters=1"])
     err = capsys.readouterr().err
@@ -521,11 +521,13 @@ def test_token_ids_beyond_the_vocabulary_are_refused(capsys, out_dir, make_datas
                       f"vocab_size is {CHAR_VOCAB}")
 
 
-def test_gpt2_dataset_token_ids_beyond_the_padded_vocabulary_are_refused(capsys, out_dir, make_dataset):
+def test_gpt2_dataset_token_ids_beyond_the_tokenizer_vocabulary_are_refused(capsys, out_dir, make_dataset):
+    """Not only beyond the model's padded 50304: GPT-2 has no token 50257 either."""
     ids = char_ids()
-    ids[-1] = 60000
+    ids[-1] = 50260
     name = make_dataset(train_ids=char_ids(), val_ids=ids, meta={"tokenizer": "gpt2", "vocab_size": 50257})
-    expect_user_error(capsys, out_dir, [f"--dataset={name}"], "val.bin holds token id 60000", "vocab_size is 50304")
+    expect_user_error(capsys, out_dir, [f"--dataset={name}"], "val.bin holds token id 50260",
+                      "the gpt2 tokenizer's vocab_size is 50257")
 
 
 def test_block_size_larger_than_the_data_is_refused(capsys, out_dir, make_dataset):
