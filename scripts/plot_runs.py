@@ -23,7 +23,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 
 
 from metrics import read_metrics as read_records
-from runtime import UserError, exit_on_user_error, writable_dir
+from runtime import UserError, exit_on_user_error, writable_file
 
 # The field each kind of record must have: it is plotted.
 PLOTTED = {"train": ("loss",), "eval": ("val_loss",)}
@@ -116,9 +116,9 @@ def make_figure(paths: list[str | Path], labels: list[str] | None = None, x: str
 def plot_runs(paths: list[str | Path], output: str | Path, labels: list[str] | None = None,
               x: str = "step", title: str = "", ylim: tuple[float, float] | None = None) -> Path:
     """Write make_figure(...) to the PNG `output`; returns its path."""
+    output = writable_file(output, "--output")
     fig = make_figure(paths, labels, x, title, ylim)
-    output = Path(output)
-    writable_dir(output.parent, "--output")
+    output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output
