@@ -10,7 +10,7 @@ they arrive (in num_threads threads: tiktoken releases the GIL while it encodes;
 cores one thread was as fast) and their ids appended to the
 output files, so the corpus is never held in memory nor stored twice (no Hub cache, no
 tokenized copy). Each document gets the end-of-text token appended, as in
-data/openwebtext/prepare.py, whose tokenizer and file handling this reuses.
+data/openwebtext/prepare.py; both share preparation.py (tokenizer, local files, output folder).
 
 The split follows the stream's order and needs no shuffle: document i (0, 1, 2, ...) goes to
 val when i is a multiple of val_every (default 2000, nanoGPT's 0.05%), and so does every
@@ -34,9 +34,9 @@ import datasets
 import numpy as np
 from tqdm import tqdm
 
-from data.openwebtext.prepare import DEFAULT_NUM_PROC, UsageError, local_files, tokenize
 from dataset import TOKEN_DTYPE, atomic_path, write_meta
-from runtime import UserError, one_line, writable_dir
+from preparation import DEFAULT_NUM_PROC, local_files, output_dir, tokenize
+from runtime import UserError, one_line
 from tokenizer import EOT, gpt2_encoding
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ def stream(dataset: str, name: str, data_files: str | None) -> tuple[str, list[t
         loader, files = local_files(data_files)
         empty = next((f for f in files if os.path.getsize(f) == 0), None)
         if empty:
-            raise UsageError(f"{empty} is empty (0 bytes); remove it or narrow --data_files")
+            raise UserError(f"{empty} is empty (0 bytes); remove it or narrow --data_files")
         options = {"sample_by": "document"} if loader == "text" else {}
         return f"local files {data_files}", [
             (f, lambda f=f: datasets.load_dataset(loader, data_files=[f], split="train", streaming=True, **options))
@@ -64,23 +64,23 @@ def stream(dataset: str, name: str, data_files: str | None) -> tuple[str, list[t
 
 def text_batches(parts: list[tuple[str, Callable]], text_column: str) -> Iterator[list[str]]:
     """The documents of every part in order, BATCH_DOCUMENTS at a time. Whatever goes wrong
-    while reading (a damaged file, a line that is not JSON, the network) is a UsageError
+    while reading (a damaged file, a line that is not JSON, the network) is a UserError
     that names the part."""
     for where, open_part in parts:
         try:
             for batch in open_part().iter(batch_size=BATCH_DOCUMENTS):
                 if text_column not in batch:
-                    raise UsageError(f"no column {text_column!r} in {where} (columns: {sorted(batch)}); "
-                                     "pick one with --text_column")
+                    raise UserError(f"no column {text_column!r} in {where} (columns: {sorted(batch)}); "
+                                    "pick one with --text_column")
                 texts = batch[text_column]
                 bad = [t for t in texts if not isinstance(t, str)]
                 if bad:
-                    raise UsageError(f"{where}: column {text_column!r} holds a {type(bad[0]).__name__}, not text")
+                    raise UserError(f"{where}: column {text_column!r} holds a {type(bad[0]).__name__}, not text")
                 yield texts
-        except UsageError:
+        except UserError:
             raise
         except Exception as e:  # datasets, pyarrow and the network raise many types; all are fatal here
-            raise UsageError(f"cannot read {where} ({type(e).__name__}: {one_line(str(e))[:300]})") from e
+            raise UserError(f"cannot read {where} ({type(e).__name__}: {one_line(str(e))[:300]})") from e
 
 
 def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -131,41 +131,41 @@ def prepare(
 ) -> dict:
     """Stream, tokenize and write the dataset into out_dir; returns the meta.json content."""
     if val_every < 2 or min_val_tokens < 0 or max_tokens < 0 or num_threads < 1:
-        raise UsageError(f"need --val_every >= 2, --num_threads >= 1 and --min_val_tokens, --max_tokens >= 0; "
-                         f"got {val_every}, {num_threads}, {min_val_tokens}, {max_tokens}")
+        raise UserError(f"need --val_every >= 2, --num_threads >= 1 and --min_val_tokens, --max_tokens >= 0; "
+                        f"got {val_every}, {num_threads}, {min_val_tokens}, {max_tokens}")
     if max_tokens and max_tokens <= min_val_tokens:
-        raise UsageError(f"--max_tokens={max_tokens} leaves nothing for train after --min_val_tokens={min_val_tokens}; "
-                         "raise the one or lower the other")
+        raise UserError(f"--max_tokens={max_tokens} leaves nothing for train after --min_val_tokens={min_val_tokens}; "
+                        "raise the one or lower the other")
     source, parts = stream(dataset, name, data_files)
-    out_dir = writable_dir(out_dir, "--out_dir")
-    counts = {"train_tokens": 0, "train_documents": 0, "val_tokens": 0, "val_documents": 0}
-    with (atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp,
-          open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file,
-          tqdm(total=max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar):
-        for ids, lengths in ordered_map(encode, text_batches(parts, text_column), num_threads):
-            written = counts["train_tokens"] + counts["val_tokens"]
-            if max_tokens:  # keep the documents up to the one that reaches max_tokens
-                lengths = lengths[:np.searchsorted(np.cumsum(lengths), max_tokens - written) + 1]
-                ids = ids[:lengths.sum()]
-            first = counts["train_documents"] + counts["val_documents"]
-            to_val = split_documents(lengths, first, counts["val_tokens"], val_every, min_val_tokens)
-            token_to_val = np.repeat(to_val, lengths)
-            for split, f, mask in (("train", train_file, ~token_to_val), ("val", val_file, token_to_val)):
-                ids[mask].tofile(f)
-                counts[f"{split}_tokens"] += int(mask.sum())
-            counts["val_documents"] += int(to_val.sum())
-            counts["train_documents"] += int(len(to_val) - to_val.sum())
-            bar.update(len(ids))
-            if max_tokens and written + len(ids) >= max_tokens:
-                break
-        if not counts["train_documents"]:
-            n = counts["val_documents"]
-            raise UsageError(f"{source} holds no documents" if not n else
-                             f"{source} gave {n} document(s), all held out for val; a train split needs more "
-                             "(lower --min_val_tokens or raise --max_tokens)")
-    meta = {"tokenizer": "gpt2", "vocab_size": gpt2_encoding().n_vocab, "end_of_text": EOT, **counts,
-            "source": source, "max_tokens": max_tokens, "val_every": val_every, "min_val_tokens": min_val_tokens}
-    write_meta(out_dir, meta)
+    with output_dir(out_dir) as out_dir:  # checked and locked before the stream is read
+        counts = {"train_tokens": 0, "train_documents": 0, "val_tokens": 0, "val_documents": 0}
+        with (atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp,
+              open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file,
+              tqdm(total=max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar):
+            for ids, lengths in ordered_map(encode, text_batches(parts, text_column), num_threads):
+                written = counts["train_tokens"] + counts["val_tokens"]
+                if max_tokens:  # keep the documents up to the one that reaches max_tokens
+                    lengths = lengths[:np.searchsorted(np.cumsum(lengths), max_tokens - written) + 1]
+                    ids = ids[:lengths.sum()]
+                first = counts["train_documents"] + counts["val_documents"]
+                to_val = split_documents(lengths, first, counts["val_tokens"], val_every, min_val_tokens)
+                token_to_val = np.repeat(to_val, lengths)
+                for split, f, mask in (("train", train_file, ~token_to_val), ("val", val_file, token_to_val)):
+                    ids[mask].tofile(f)
+                    counts[f"{split}_tokens"] += int(mask.sum())
+                counts["val_documents"] += int(to_val.sum())
+                counts["train_documents"] += int(len(to_val) - to_val.sum())
+                bar.update(len(ids))
+                if max_tokens and written + len(ids) >= max_tokens:
+                    break
+            if not counts["train_documents"]:
+                n = counts["val_documents"]
+                raise UserError(f"{source} holds no documents" if not n else
+                                f"{source} gave {n} document(s), all held out for val; a train split needs more "
+                                "(lower --min_val_tokens or raise --max_tokens)")
+        meta = {"tokenizer": "gpt2", "vocab_size": gpt2_encoding().n_vocab, "end_of_text": EOT, **counts,
+                "source": source, "max_tokens": max_tokens, "val_every": val_every, "min_val_tokens": min_val_tokens}
+        write_meta(out_dir, meta)
     return meta
 
 
@@ -188,10 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a read error is told once, by the error line
     try:
         if args.data_files and args.out_dir is None:
-            raise UsageError(f"--data_files needs --out_dir (the default {HERE} is for FineWeb-Edu itself); "
-                             "name the folder to write, e.g. --out_dir=data/my_corpus")
+            raise UserError(f"--data_files needs --out_dir (the default {HERE} is for FineWeb-Edu itself); "
+                            "name the folder to write, e.g. --out_dir=data/my_corpus")
         meta = prepare(**{**vars(args), "out_dir": args.out_dir or HERE})
-    except (UsageError, UserError) as e:
+    except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

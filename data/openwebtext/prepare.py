@@ -34,12 +34,10 @@ previous dataset in out_dir as it was.
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
@@ -49,41 +47,18 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
 from dataset import TOKEN_DTYPE, atomic_path, write_meta
-from runtime import UserError, one_line, writable_dir
+from preparation import DEFAULT_NUM_PROC, local_files, output_dir, tokenize
+from runtime import UserError, one_line
 from tokenizer import gpt2_encoding
 
 HERE = Path(__file__).resolve().parent
 
 DEFAULT_DATASET = "Skylion007/openwebtext"
-DEFAULT_NUM_PROC = max(1, min(8, (os.cpu_count() or 2) // 2))
 DEFAULT_MIN_VAL_TOKENS = 1_000_000
-LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TOKENIZED_FEATURES = datasets.Features(
     # uint16 rather than the default int64 keeps the tokenized cache 4x smaller (~18 GB for OWT).
     {"ids": datasets.List(datasets.Value("uint16")), "len": datasets.Value("int64")}
 )
-
-
-class UsageError(Exception):
-    """The arguments cannot work; the message says what to change."""
-
-
-def local_files(pattern: str) -> tuple[str, list[str]]:
-    """(datasets loader name, sorted matching files) for a --data_files glob."""
-    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-    if not files:
-        raise UsageError(
-            f"--data_files {pattern!r} matched no files; pass an existing path or a quoted "
-            "glob relative to the current directory, e.g. 'corpus/*.jsonl'"
-        )
-    suffixes = {Path(f).suffix.lower() for f in files}
-    loaders = {LOADERS.get(suffix) for suffix in suffixes}
-    if len(loaders) > 1 or None in loaders:
-        raise UsageError(
-            f"--data_files {pattern!r} matched files ending in {sorted(suffixes)}; "
-            "use a glob that matches only .txt, only .json/.jsonl or only .parquet files"
-        )
-    return loaders.pop(), files
 
 
 def read_error(where: str, e: BaseException) -> str:
@@ -165,7 +140,7 @@ def readable_files(files: list[str], loader: str, text_column: str, skip_bad_fil
     if not skip_bad_files:
         empty = next((f for f in files if os.path.getsize(f) == 0), None)
         if empty:
-            raise UsageError(bad_file_message(empty, "is empty (0 bytes)"))
+            raise UserError(bad_file_message(empty, "is empty (0 bytes)"))
         return files
     good = []
     for f in tqdm(files, desc="checking files", disable=None):
@@ -175,7 +150,7 @@ def readable_files(files: list[str], loader: str, text_column: str, skip_bad_fil
         else:
             good.append(f)
     if not good:
-        raise UsageError(f"all {len(files)} file(s) of --data_files are unreadable (each named in a warning above)")
+        raise UserError(f"all {len(files)} file(s) of --data_files are unreadable (each named in a warning above)")
     return good
 
 
@@ -195,35 +170,28 @@ def load_local(loader: str, files: list[str], source: str, text_column: str, **o
         for f in files:
             problem = file_problem(f, loader, text_column)
             if problem:
-                raise UsageError(bad_file_message(f, problem)) from e
-        raise UsageError(read_error(source, e)) from e
+                raise UserError(bad_file_message(f, problem)) from e
+        raise UserError(read_error(source, e)) from e
 
 
 def check_documents(docs: datasets.Dataset, text_column: str, source: str) -> None:
     """The text column is text, without nulls, and at least one document is not blank."""
     if text_column not in docs.column_names:
-        raise UsageError(
+        raise UserError(
             f"no column {text_column!r} in {source} (columns: {docs.column_names}); pick one with --text_column"
         )
     feature = docs.features[text_column]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise UsageError(f"column {text_column!r} of {source} holds {feature}, not text; pick one with --text_column")
+        raise UserError(f"column {text_column!r} of {source} holds {feature}, not text; pick one with --text_column")
     column = docs.data.column(text_column)
     if column.null_count:
-        raise UsageError(f"column {text_column!r} of {source} has {column.null_count} missing (null) value(s)")
+        raise UserError(f"column {text_column!r} of {source} has {column.null_count} missing (null) value(s)")
     # Chunk by chunk, so that a corpus with text stops at its first chunk.
     if not any(pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(chunk)), 0)).as_py()
                for chunk in column.chunks):
-        raise UsageError(f"{source} holds no text ({len(docs)} document(s), all empty or whitespace)")
+        raise UserError(f"{source} holds no text ({len(docs)} document(s), all empty or whitespace)")
     if len(docs) < 2:
-        raise UsageError(f"{source} holds {len(docs)} document(s); a train and a val split need at least 2")
-
-
-def tokenize(batch: dict, text_column: str) -> dict:
-    """GPT-2 ids of each document, end-of-text token appended, and their lengths."""
-    enc = gpt2_encoding()  # cached per worker process, so each loads the BPE files once
-    ids = [enc.encode_ordinary(text) + [enc.eot_token] for text in batch[text_column]]
-    return {"ids": ids, "len": [len(x) for x in ids]}
+        raise UserError(f"{source} holds {len(docs)} document(s); a train and a val split need at least 2")
 
 
 def lengths(dset: datasets.Dataset) -> np.ndarray:
@@ -231,7 +199,7 @@ def lengths(dset: datasets.Dataset) -> np.ndarray:
 
 
 def fill_val(splits: datasets.DatasetDict, min_val_tokens: int, source: str) -> datasets.DatasetDict:
-    """Move the leading documents of train to val until val holds min_val_tokens; a UsageError
+    """Move the leading documents of train to val until val holds min_val_tokens; a UserError
     when train would be left without a document."""
     train, val = splits["train"], splits["val"]
     short = min_val_tokens - int(lengths(val).sum())
@@ -241,7 +209,7 @@ def fill_val(splits: datasets.DatasetDict, min_val_tokens: int, source: str) -> 
     moved = int(np.searchsorted(train_lengths, short)) + 1  # the documents that reach `short`
     if moved >= len(train):
         total = int(train_lengths[-1]) + min_val_tokens - short
-        raise UsageError(
+        raise UserError(
             f"{source} holds {total:,} tokens ({len(train) + len(val):,} documents), too few for a val split of "
             f"--min_val_tokens={min_val_tokens:,} tokens and a train split; add text or lower --min_val_tokens "
             "(training needs block_size+1 tokens in each split, 1,025 for the GPT-2 configs)"
@@ -270,20 +238,6 @@ def write_ids(dset: datasets.Dataset, path: Path, shards: int, name: str) -> int
     return n_tokens
 
 
-@contextmanager
-def output_dir(path: str | Path, option: str = "--out_dir") -> Iterator[Path]:
-    """writable_dir(path, option) for the block; a folder created here is removed again when the
-    block fails and leaves it empty, so a failed first preparation leaves nothing behind."""
-    created = not Path(path).exists()
-    path = writable_dir(path, option)
-    try:
-        yield path
-    except BaseException:
-        if created and not any(path.iterdir()):
-            path.rmdir()
-        raise
-
-
 def prepare(
     out_dir: str | Path = HERE,
     dataset: str = DEFAULT_DATASET,
@@ -304,10 +258,10 @@ def prepare(
     paragraph, or per line. cache_dir defaults to the Hugging Face datasets cache.
     """
     if not 0 < val_fraction < 1:
-        raise UsageError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+        raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     if shards < 1 or num_proc < 1 or min_val_tokens < 0:
-        raise UsageError(f"need --shards >= 1, --num_proc >= 1 and --min_val_tokens >= 0; "
-                         f"got {shards}, {num_proc} and {min_val_tokens}")
+        raise UserError(f"need --shards >= 1, --num_proc >= 1 and --min_val_tokens >= 0; "
+                        f"got {shards}, {num_proc} and {min_val_tokens}")
     if data_files:
         loader, files = local_files(data_files)
         files = readable_files(files, loader, text_column, skip_bad_files)
@@ -321,12 +275,12 @@ def prepare(
             try:
                 docs = datasets.load_dataset(dataset, split="train", cache_dir=cache_dir, num_proc=num_proc)
             except Exception as e:  # the network, a missing repository, a damaged shard: all fatal here
-                raise UsageError(read_error(source, e)) from e
+                raise UserError(read_error(source, e)) from e
         check_documents(docs, text_column, source)
         try:
             split = docs.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
         except ValueError as e:  # e.g. a val_fraction that leaves train empty
-            raise UsageError(f"--val_fraction={val_fraction} on {len(docs)} documents: {one_line(str(e))}") from e
+            raise UserError(f"--val_fraction={val_fraction} on {len(docs)} documents: {one_line(str(e))}") from e
         splits = datasets.DatasetDict(train=split["train"], val=split["test"])
         tokenized = splits.map(
             tokenize,
@@ -380,16 +334,16 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a read error is told once, by the error line
     try:
         if args.data_files and args.dataset:
-            raise UsageError("give --dataset or --data_files, not both")
+            raise UserError("give --dataset or --data_files, not both")
         if args.out_dir is not None and not args.out_dir.strip():  # "" would be "." as a Path
-            raise UsageError("--out_dir is empty; give a folder name")
+            raise UserError("--out_dir is empty; give a folder name")
         if args.out_dir is None and (args.data_files or args.dataset not in (None, DEFAULT_DATASET)):
             what = "--data_files" if args.data_files else f"--dataset {args.dataset}"
-            raise UsageError(f"{what} needs --out_dir (the default {HERE} is for OpenWebText itself); "
-                             "name the folder to write, e.g. --out_dir=data/my_corpus")
+            raise UserError(f"{what} needs --out_dir (the default {HERE} is for OpenWebText itself); "
+                            "name the folder to write, e.g. --out_dir=data/my_corpus")
         out_dir = HERE if args.out_dir is None else args.out_dir
         meta = prepare(**{**vars(args), "out_dir": out_dir, "dataset": args.dataset or DEFAULT_DATASET})
-    except (UsageError, UserError) as e:
+    except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

@@ -1,0 +1,75 @@
+"""What the corpus preparations (data/openwebtext, data/fineweb_edu) share: their output folder
+(checked, locked, cleared of a killed run's temporary files), local input files, and GPT-2
+tokenizing. Their errors are runtime.UserError: one line, exit status 2.
+"""
+
+import glob
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dataset import TEMPORARY_NAME
+from runtime import RunLock, UserError, writable_dir
+from tokenizer import gpt2_encoding
+
+DEFAULT_NUM_PROC = max(1, min(8, (os.cpu_count() or 2) // 2))
+LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def local_files(pattern: str) -> tuple[str, list[str]]:
+    """(datasets loader name, sorted matching files) for a --data_files glob."""
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise UserError(
+            f"--data_files {pattern!r} matched no files; pass an existing path or a quoted "
+            "glob relative to the current directory, e.g. 'corpus/*.jsonl'"
+        )
+    suffixes = {Path(f).suffix.lower() for f in files}
+    loaders = {LOADERS.get(suffix) for suffix in suffixes}
+    if len(loaders) > 1 or None in loaders:
+        raise UserError(
+            f"--data_files {pattern!r} matched files ending in {sorted(suffixes)}; "
+            "use a glob that matches only .txt, only .json/.jsonl or only .parquet files"
+        )
+    return loaders.pop(), files
+
+
+def tokenize(batch: dict, text_column: str) -> dict:
+    """GPT-2 ids of each document, end-of-text token appended, and their lengths."""
+    enc = gpt2_encoding()  # cached per worker process, so each loads the BPE files once
+    ids = [enc.encode_ordinary(text) + [enc.eot_token] for text in batch[text_column]]
+    return {"ids": ids, "len": [len(x) for x in ids]}
+
+
+@contextmanager
+def output_dir(path: str | Path, option: str = "--out_dir") -> Iterator[Path]:
+    """The folder `path` for the block: created if needed and checked writable (writable_dir),
+    locked (a second preparation into it stops with a line naming the holder), and cleared of
+    the temporary files a killed earlier preparation left, saying so; the lock file goes with
+    the lock. A folder created here is removed again when the block leaves it empty (it
+    failed), so a failed first preparation leaves nothing behind."""
+    created = not Path(path).exists()
+    path = writable_dir(path, option)
+    lock = None
+    try:
+        lock = RunLock(path)
+        remove_stale_temporaries(path)
+        yield path
+    finally:
+        if lock is not None:  # a prepared folder holds the dataset alone
+            lock.path.unlink(missing_ok=True)
+            lock.release()
+        if created and not any(path.iterdir()):
+            path.rmdir()
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files (dataset.atomic_path's) of a preparation that was killed;
+    call it holding the folder's lock, so none of them is another preparation's."""
+    for path in sorted(folder.iterdir()):
+        if TEMPORARY_NAME.fullmatch(path.name) and path.is_file():
+            size = path.stat().st_size
+            path.unlink()
+            print(f"removed {path / ''} ({size / 2 ** 20:,.1f} MiB), a temporary file left by a preparation that "
+                  f"was killed")
