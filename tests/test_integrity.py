@@ -172,6 +172,30 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_is_un
     assert (out / "ckpt_00000010.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("code, fragment", [
+    ("EDQUOT", "Disk quota exceeded (it needs about"),
+    ("EROFS", "the file system is read-only"),
+])
+def test_a_quota_or_a_read_only_file_system_during_a_save_is_one_line(tmp_path, monkeypatch, code, fragment):
+    """What torch.save meets half-way through the file (any user, no mount needed)."""
+    import errno
+    import checkpoint
+    run_train(tmp_path, *BASE, "--max_iters=10", "--eval_interval=10")
+    before = (tmp_path / "ckpt_00000010.pt").read_bytes()
+    state = dict(load_latest_checkpoint(tmp_path)[0], iter_num=20)
+
+    def refused(obj, f, *args, **kwargs):
+        f.write(b"PK" * 1000)
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(torch, "save", refused)
+    with pytest.raises(UserError) as refusal:
+        checkpoint.save_checkpoint(tmp_path, state, keep=1)
+    assert f"cannot write checkpoint ckpt_00000020.pt to {tmp_path}: {fragment}" in str(refusal.value)
+    assert [p.name for p in tmp_path.glob("ckpt_*")] == ["ckpt_00000010.pt"]
+    assert (tmp_path / "ckpt_00000010.pt").read_bytes() == before
+
+
 def test_a_full_disk_during_a_record_write_is_one_line_and_leaves_no_partial_line(small_disk):
     from metrics import MetricsLog
     out = small_disk / "out"
