@@ -17,13 +17,14 @@ Where h <= 0 the ratio m / eps is huge, so the clip turns the update into lr sig
 paper's fallback to sign momentum, never a step uphill (the authors' code's |m| / (rho h)
 reverses the sign of m when h < 0).
 
-The update is written once, as an elementwise function of one tensor (`_sophia_update`), and
-run two ways:
-  "reference"  a per-tensor Python loop over it, eagerly: the tests hold the other to it;
-  "compiled"   the same loop through torch.compile: one fused pass over p, g, m, h per
-               tensor (lr lives in a 0-dim tensor so a changing schedule does not recompile).
+The update is written once, over lists of tensors with torch's foreach ops (`_update`, as
+torch's own optimizers are), and run two ways:
+  "foreach"   eagerly: a few multi-tensor kernels per param group, no per-tensor Python loop;
+  "compiled"  the same function through torch.compile: one fused pass over p, g, m, h per
+              tensor (lr lives in a 0-dim tensor so a changing schedule does not recompile).
 impl="auto" picks "compiled" wherever torch.compile works on the parameters' device (CUDA
-with triton; the CPU with the C++ compiler inductor needs), else "reference".
+with triton; the CPU with the C++ compiler inductor needs), else "foreach". The same holds for
+update_hessian's fold and the win-rate count.
 
 This module needs nothing but torch: `pip install .` installs it alone as `sophia`.
 """
@@ -44,7 +45,7 @@ from torch.optim.optimizer import ParamsT
 __all__ = ["IMPLEMENTATIONS", "Sophia", "SophiaG", "SophiaH", "gnb_hessian", "hutchinson_hessian",
            "sample_labels"]
 
-IMPLEMENTATIONS = ("reference", "compiled")
+IMPLEMENTATIONS = ("foreach", "compiled")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -67,12 +68,12 @@ class Sophia(torch.optim.Optimizer):
         weight_decay: decoupled, applied as theta <- theta (1 - lr wd).
         eps: floor of the denominator; also what makes h <= 0 fall back to sign(m).
         maximize: ascend instead of descend.
-        impl: "reference", "compiled", or "auto": compiled where torch.compile works on the
+        impl: "foreach", "compiled", or "auto": compiled where torch.compile works on the
             parameters' device (probed once per device type with a one-line function; it
-            needs triton on CUDA and a C++ compiler on the CPU), else reference. Every param
+            needs triton on CUDA and a C++ compiler on the CPU), else foreach. Every param
             group (its shapes and float hyperparameters) is a graph of its own; past
             torch._dynamo's recompile limit (8 graphs by default, e.g. after many models in
-            one process) torch warns and runs the same function eagerly, i.e. the reference.
+            one process) torch warns and runs the same function eagerly, i.e. foreach.
         stats_every: count the unclipped coordinates (stats()["win_rate"]) on every
             stats_every-th step, e.g. the logging interval (train.py's choice); None (the
             default) never counts, so stats()["win_rate"] is NaN. A count is one more read of
@@ -136,7 +137,7 @@ class Sophia(torch.optim.Optimizer):
     def _resolve_impl(self, device: torch.device) -> str:
         if self.impl != "auto":
             return self.impl
-        return "compiled" if _compile_works(device.type) else "reference"
+        return "compiled" if _compile_works(device.type) else "foreach"
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -186,9 +187,10 @@ class Sophia(torch.optim.Optimizer):
         if self._stat_skipped_estimates is None:
             self._stat_skipped_estimates = torch.zeros((), device=hessians[0].device)
         self._stat_skipped_estimates += (~finite).float()
-        weights = [1.0 - group["betas"][1] for group, _, _ in pairs]
-        fold = _fold_hessian if self._resolve_impl(hessians[0].device) == "reference" else _compiled(_fold_hessian)
-        fold(hessians, estimates, finite, weights)
+        fold = _fold_hessian if self._resolve_impl(hessians[0].device) == "foreach" else _compiled(_fold_hessian)
+        for weight in dict.fromkeys(1.0 - group["betas"][1] for group, _, _ in pairs):  # one call per beta2
+            chosen = [i for i, (group, _, _) in enumerate(pairs) if 1.0 - group["betas"][1] == weight]
+            fold([hessians[i] for i in chosen], [estimates[i] for i in chosen], finite, weight)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -219,7 +221,7 @@ class Sophia(torch.optim.Optimizer):
             if not params:
                 continue
             torch._foreach_add_(steps, 1.0 if found_inf is None else 1.0 - (found_inf != 0).float())
-            if self._resolve_impl(params[0].device) == "reference":
+            if self._resolve_impl(params[0].device) == "foreach":
                 update, count_unclipped = _update, _count_unclipped
             else:
                 update, count_unclipped = _compiled(_update), _compiled(_count_unclipped)
@@ -296,33 +298,41 @@ class SophiaH(Sophia):
 
 # ----------------------------------------------------------------------------- the update
 
-def _denominator(h: Tensor, rho: float, eps: float, sqrt_hessian: bool) -> Tensor:
+def _denominators(hessians: list[Tensor], rho: float, eps: float, sqrt_hessian: bool) -> list[Tensor]:
     """max(rho h, eps), or max(rho sqrt(h), eps) for the AdaHessian-style ablation."""
-    return torch.clamp(rho * (h.sqrt() if sqrt_hessian else h), min=eps)
+    scaled = torch._foreach_mul(torch._foreach_sqrt(hessians) if sqrt_hessian else hessians, rho)
+    torch._foreach_clamp_min_(scaled, eps)
+    return scaled
 
 
-def _sophia_update(p: Tensor, g: Tensor, m: Tensor, h: Tensor, lr: Tensor, found_inf: Tensor | None, *,
-                   beta1: float, rho: float, weight_decay: float, eps: float, maximize: bool, clip: bool,
-                   sqrt_hessian: bool) -> tuple[Tensor, Tensor]:
-    """Sophia's update of one tensor: (new theta, new m)."""
-    g = -g if maximize else g
-    m_new = torch.lerp(m, g, 1.0 - beta1)
-    ratio = m_new / _denominator(h, rho, eps, sqrt_hessian)
-    p_new = p * (1.0 - lr * weight_decay) - lr * (ratio.clamp(-1.0, 1.0) if clip else ratio)
-    if found_inf is not None:  # a select, not a branch: the flag stays on the device
-        skip = found_inf != 0
-        p_new, m_new = torch.where(skip, p, p_new), torch.where(skip, m, m_new)
-    return p_new, m_new
+def _keep_unless_skipped(skip: Tensor | None, olds: list[Tensor], news: list[Tensor]) -> None:
+    """olds <- news, except where the 0-dim `skip` is true: a select on the device (never a
+    branch on the host), and one that a NaN in `news` cannot leak through, unlike lerp or a
+    multiplication by 0. torch has no foreach select; compiled, each fuses into its kernel."""
+    if skip is not None:
+        news = [torch.where(skip, old, new) for old, new in zip(olds, news)]
+    torch._foreach_copy_(olds, news)
 
 
 def _update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hessians: list[Tensor],
-            lr: Tensor, found_inf: Tensor | None, **hyper: Any) -> None:
-    """Every tensor of a group in place. Compiled, each tensor is one kernel that reads
-    p, g, m, h and writes p, m (24 bytes per fp32 parameter)."""
-    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
-        p_new, m_new = _sophia_update(p, g, m, h, lr, found_inf, **hyper)
-        p.copy_(p_new)
-        m.copy_(m_new)
+            lr: Tensor, found_inf: Tensor | None, *, beta1: float, rho: float, weight_decay: float, eps: float,
+            maximize: bool, clip: bool, sqrt_hessian: bool) -> None:
+    """Sophia's update of every tensor of a group, in place, over lists (foreach kernels
+    eagerly; compiled, one fused pass per tensor that reads p, g, m, h and writes p, m:
+    24 bytes per fp32 parameter):
+        m <- lerp(m, g, 1 - beta1);  p <- p (1 - lr wd) - lr clip(m / max(rho h, eps), -1, 1)
+    Where the 0-dim `found_inf` is nonzero, p and m stay exactly as they were."""
+    exp_avgs_new = torch._foreach_lerp(exp_avgs, torch._foreach_neg(grads) if maximize else grads, 1.0 - beta1)
+    ratios = torch._foreach_div(exp_avgs_new, _denominators(hessians, rho, eps, sqrt_hessian))
+    if clip:
+        torch._foreach_clamp_min_(ratios, -1.0)
+        torch._foreach_clamp_max_(ratios, 1.0)
+    torch._foreach_mul_(ratios, lr)
+    params_new = torch._foreach_mul(params, 1.0 - lr * weight_decay)
+    torch._foreach_sub_(params_new, ratios)
+    skip = None if found_inf is None else found_inf != 0
+    _keep_unless_skipped(skip, params, params_new)
+    _keep_unless_skipped(skip, exp_avgs, exp_avgs_new)
 
 
 def _count_unclipped(exp_avgs: list[Tensor], hessians: list[Tensor], *, rho: float, eps: float,
@@ -331,17 +341,15 @@ def _count_unclipped(exp_avgs: list[Tensor], hessians: list[Tensor], *, rho: flo
     a 0-dim float64 tensor. Kept out of the update because inductor does not fuse a
     reduction into a loop that stores: counting there would re-read m, g and h (12 bytes per
     fp32 parameter) instead of the new m and h (8 bytes)."""
-    return torch.stack([((m / _denominator(h, rho, eps, sqrt_hessian)).abs() < 1).sum()
-                        for m, h in zip(exp_avgs, hessians)]).sum().double()
+    ratios = torch._foreach_abs(torch._foreach_div(exp_avgs, _denominators(hessians, rho, eps, sqrt_hessian)))
+    return torch.stack([(r < 1).sum() for r in ratios]).sum().double()
 
 
-def _fold_hessian(hessians: list[Tensor], estimates: list[Tensor], finite: Tensor, weights: list[float]) -> None:
-    """h <- lerp(h, h_hat, 1 - beta2) where the whole estimate is finite, else lerp(h, h, .) = h
+def _fold_hessian(hessians: list[Tensor], estimates: list[Tensor], finite: Tensor, weight: float) -> None:
+    """h <- lerp(h, h_hat, weight) where the whole estimate is finite, else lerp(h, h, .) = h
     exactly: a select, so a NaN in h_hat never reaches h and the flag is never read on the
-    host. Eagerly the select is one temporary per tensor; compiled, one kernel reads h and
-    h_hat and writes h."""
-    for h, e, w in zip(hessians, estimates, weights):
-        h.lerp_(torch.where(finite, e, h), w)
+    host. Compiled, one kernel per tensor reads h and h_hat and writes h."""
+    torch._foreach_lerp_(hessians, [torch.where(finite, e, h) for h, e in zip(hessians, estimates)], weight)
 
 
 @functools.cache
@@ -361,9 +369,9 @@ def _compile_works(device_type: str) -> bool:
     needs triton on CUDA and a C++ compiler on the CPU, and dynamo a supported Python."""
     try:
         torch.compile(_probe, fullgraph=True, dynamic=False)(torch.ones(2, device=device_type))
-    except Exception as error:  # whatever stops inductor, the reference update still works
+    except Exception as error:  # whatever stops inductor, the foreach update still works
         warnings.warn(f"torch.compile does not work on {device_type} ({type(error).__name__}: {error}); "
-                      "Sophia(impl='auto') uses its reference update", RuntimeWarning)
+                      "Sophia(impl='auto') uses its foreach update", RuntimeWarning)
         return False
     return True
 
