@@ -2,12 +2,10 @@
 
 The parameter names match nanoGPT's, so OpenAI/Hugging Face GPT-2 weights map onto
 this model one to one (`GPT.from_pretrained`). Attention goes through
-`F.scaled_dot_product_attention` (flash kernels on GPU); `math_attention()` forces the
-plain math kernel, which is the one that supports the double backward needed for
-Hessian-vector products (Sophia-H).
+`F.scaled_dot_product_attention` (flash kernels on GPU); sophia.math_attention() forces the
+plain math kernel where a double backward needs it.
 """
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -15,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -41,12 +38,6 @@ class GPTConfig:
                 f"choose n_embd as a multiple of n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
-
-
-def math_attention() -> contextlib.AbstractContextManager:
-    """Force the math attention kernel: flash and memory-efficient kernels have no
-    double backward, which Hessian-vector products need."""
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 class CausalSelfAttention(nn.Module):

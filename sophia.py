@@ -6,8 +6,12 @@ Two parts, kept apart so the training loop stays one loop:
         theta <- theta - lr wd theta
         theta <- theta - lr clip(m / max(rho h, eps), -1, 1)
     and `update_hessian(h_hat)`, which folds one estimate into h <- beta2 h + (1 - beta2) h_hat;
-  * the estimators (`gnb_hessian`, `hutchinson_hessian`), functions of the model and a
-    batch that return h_hat for every parameter; the loop calls one every k steps.
+  * the estimators (`gnb_hessian`, `hutchinson_hessian`, `hutchinson_fd_hessian`), functions
+    of the model and a batch that return h_hat for every parameter; the loop calls one every
+    k steps. Hutchinson's needs a Hessian-vector product: exact by double backward
+    (`hessian_vector_product`: the eager module, the math attention kernel), or by a central
+    difference of two ordinary gradients (`fd_hessian_vector_product`: the model as it
+    trains, compiled, flash attention, DDP or FSDP2).
 
 Two options exist only for the paper's ablations (Fig. 7b, 7c): clip=False drops the clip
 (theta <- theta - lr m / max(rho h, eps)), and sqrt_hessian=True divides by rho sqrt(h),
@@ -38,12 +42,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.optimizer import ParamsT
 
-__all__ = ["IMPLEMENTATIONS", "Sophia", "SophiaG", "SophiaH", "gnb_hessian", "hutchinson_hessian",
-           "sample_labels"]
+__all__ = ["FD_EPSILON", "IMPLEMENTATIONS", "Sophia", "SophiaG", "SophiaH", "fd_hessian_vector_product", "gnb_hessian",
+           "hessian_vector_product", "hutchinson_fd_hessian", "hutchinson_hessian", "math_attention", "sample_labels"]
 
 IMPLEMENTATIONS = ("foreach", "compiled")
 
@@ -378,6 +382,12 @@ def _compile_works(device_type: str) -> bool:
 
 # ----------------------------------------------------------------------------- estimators
 
+def math_attention() -> contextlib.AbstractContextManager:
+    """Force PyTorch's math attention kernel: the flash and memory-efficient kernels have no
+    double backward, which the exact Hessian-vector product (`hutchinson_hessian`) needs."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 # Rows of the logits handled at once by sample_labels and _cross_entropy_grad: their float32
 # temporaries are ROW_BLOCK x V (about 200 MB for GPT-2's vocabulary), never the whole batch's.
 ROW_BLOCK = 1024
@@ -475,23 +485,34 @@ def hutchinson_hessian(model: Callable, params: list[Tensor], batches: list[tupl
     each chunk's mean loss, as `model(x, y)` returns it, is weighted by its y.numel()) and
     over ranks (averaged: equal token counts on every rank make it the global token mean).
 
-    One Hessian-vector product by double backward through torch.autograd.grad (not
-    backward(create_graph=True), which leaks the graph into .grad), with the math attention
-    kernel forced: flash attention has no double backward. Pass the uncompiled module.
-    `generator` must be seeded identically on every rank so u is shared and the averaged
-    H u, all-reduced in one flat buffer, is the product with the global Hessian.
+    H u is exact (`hessian_vector_product`): pass the uncompiled, unwrapped module.
+    `generator` must be seeded identically on every rank so u is shared. The reference
+    `hutchinson_fd_hessian` is held to.
     """
-    u = [torch.randn(p.shape, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
-         for p in params]
+    u = [_shared_normal(p, generator) for p in params]
+    return [v * hv for v, hv in zip(u, hessian_vector_product(model, params, batches, u, autocast, loss_scale))]
+
+
+def hessian_vector_product(model: Callable, params: list[Tensor], batches: list[tuple[Tensor, Tensor]],
+                           vectors: list[Tensor], autocast: contextlib.AbstractContextManager | None = None,
+                           loss_scale: float = 1.0) -> list[Tensor]:
+    """The exact H v, H the Hessian of the token-mean loss over `batches` and ranks (as in
+    `hutchinson_hessian`), by double backward through torch.autograd.grad (not
+    backward(create_graph=True), which leaks the graph into .grad) with the math attention
+    kernel forced (`math_attention`). torch.compile and DDP have no double backward, and
+    FSDP2 replaces the parameters by gathered copies: pass the plain module. Under
+    torch.distributed the per-rank products are averaged in one flat all-reduce.
+    `loss_scale` multiplies the loss (fp16) and divides the result.
+    """
     hvp = [torch.zeros_like(p) for p in params]
     tokens = sum(y.numel() for _, y in batches)
-    with sdpa_kernel(SDPBackend.MATH):
+    with math_attention():
         for x, y in batches:
             with autocast or contextlib.nullcontext():
                 _, loss = model(x, y)
             loss = loss * (loss_scale * y.numel() / tokens)
             grads = torch.autograd.grad(loss, params, create_graph=True)
-            dot = sum((g * v).sum() for g, v in zip(grads, u))
+            dot = sum((g * v).sum() for g, v in zip(grads, vectors))
             for acc, hv in zip(hvp, torch.autograd.grad(dot, params)):
                 acc.add_(hv)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -499,4 +520,108 @@ def hutchinson_hessian(model: Callable, params: list[Tensor], batches: list[tupl
         dist.all_reduce(flat)  # SUM, then divide: ReduceOp.AVG is not on every backend
         flat /= dist.get_world_size()
         hvp = _unflatten_dense_tensors(flat, hvp)
-    return [v * hv / loss_scale for v, hv in zip(u, hvp)]
+    return [hv / loss_scale for hv in hvp]
+
+
+# The finite-difference step, as measured against the exact product (docs/benchmarks.md).
+FD_EPSILON = 1e-3
+
+
+def hutchinson_fd_hessian(model: Callable, params: list[Tensor], batches: list[tuple[Tensor, Tensor]],
+                          generator: torch.Generator, autocast: contextlib.AbstractContextManager | None = None,
+                          loss_scale: float = 1.0, *, epsilon: float = FD_EPSILON,
+                          grad_sync: Callable[[bool], None] | None = None) -> list[Tensor | None]:
+    """Hutchinson estimate (paper Algorithm 1) as `hutchinson_hessian`, h_hat = u * (H u), with
+    H u by central difference (`fd_hessian_vector_product`): two ordinary forward and backward
+    passes of `model` as it trains (compiled, flash attention, DDP-wrapped or FSDP2-sharded).
+    `generator` must be seeded identically on every rank: each rank draws u for the whole of
+    each parameter and keeps its own shard (FSDP2), so u is shared and, for plain tensors,
+    the same draw as `hutchinson_hessian`'s. Parameters without a gradient get None.
+    """
+    u = [_shared_normal(p, generator) for p in params]
+    hvp = fd_hessian_vector_product(model, params, batches, u, epsilon, autocast, loss_scale, grad_sync=grad_sync)
+    return [None if hv is None else hv.mul_(v) for v, hv in zip(u, hvp)]
+
+
+def fd_hessian_vector_product(model: Callable, params: list[Tensor], batches: list[tuple[Tensor, Tensor]],
+                              vectors: list[Tensor], epsilon: float | Sequence[float] = FD_EPSILON,
+                              autocast: contextlib.AbstractContextManager | None = None, loss_scale: float = 1.0, *,
+                              grad_sync: Callable[[bool], None] | None = None) -> list[Tensor | None]:
+    """H v ~ (g(theta + eps v) - g(theta - eps v)) / (2 eps), g the gradient of the token-mean
+    loss over `batches` and ranks (as in `hessian_vector_product`): exact up to O(eps^2) and
+    rounding. `vectors` hold this rank's part of v (the local shard of a DTensor parameter).
+
+    The gradients go through .grad of an ordinary backward, so a DDP or FSDP2 module averages
+    them over ranks itself; .grad must be empty on entry and is left empty. `grad_sync` is
+    as for `gnb_hessian` (called before each chunk, True for the last only: one all-reduce
+    per pass). The parameters are restored bitwise from a copy (a subtraction would not undo
+    the addition exactly), and the RNG state is replayed so that both passes draw the same
+    dropout masks. Extra memory while it runs: the copy and one gradient, each the size of
+    this rank's parameters. `epsilon` is one step or one per parameter (eps_i: then the
+    result is H E v / eps_i, E the diagonal of the steps). Parameters without a gradient get
+    None. `loss_scale` multiplies the loss (fp16) and divides the result.
+    """
+    if any(p.grad is not None for p in params):
+        raise RuntimeError("the finite-difference Hessian-vector product needs empty .grad: call it before the "
+                           "step's backward or after zero_grad(set_to_none=True)")
+    steps = [float(epsilon)] * len(params) if isinstance(epsilon, (int, float)) else [float(e) for e in epsilon]
+    if len(steps) != len(params) or not all(e > 0 for e in steps):
+        raise ValueError(f"epsilon must be one positive float or one per parameter ({len(params)}), not {epsilon!r}")
+    with torch.no_grad():
+        local = [_local(p.detach()) for p in params]
+        saved = [t.clone() for t in local]
+    rng = _rng_states(local[0].device)
+    differences: list[Tensor | None] = []
+    try:
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for t, s, v, e in zip(local, saved, vectors, steps):
+                    t.copy_(s).add_(v, alpha=sign * e)
+            _set_rng_states(local[0].device, rng)
+            _backward_mean_loss(model, batches, autocast, loss_scale, grad_sync)
+            grads = [None if p.grad is None else _local(p.grad) for p in params]
+            for p in params:
+                p.grad = None
+            # Both passes run the same graph, so a parameter has a gradient in both or neither.
+            differences = grads if sign > 0 else [None if a is None else a.sub_(b) for a, b in zip(differences, grads)]
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(local, saved)
+        for p in params:
+            p.grad = None
+    return [None if d is None else d.div_(2.0 * e * loss_scale) for d, e in zip(differences, steps)]
+
+
+def _shared_normal(p: Tensor, generator: torch.Generator) -> Tensor:
+    """N(0, I) of p's full shape from `generator`, then this rank's shard of it if p is a
+    DTensor: the same draw on every rank, sliced without communication."""
+    u = torch.randn(p.shape, generator=generator, device=generator.device, dtype=p.dtype).to(_local(p).device)
+    if isinstance(p, DTensor):
+        u = distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    return u
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type != "cpu":
+        states.append(torch.get_device_module(device.type).get_rng_state(device))
+    return states
+
+
+def _set_rng_states(device: torch.device, states: list[Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type != "cpu":
+        torch.get_device_module(device.type).set_rng_state(states[1], device)
+
+
+def _backward_mean_loss(model: Callable, batches: list[tuple[Tensor, Tensor]],
+                        autocast: contextlib.AbstractContextManager | None, loss_scale: float,
+                        grad_sync: Callable[[bool], None] | None) -> None:
+    """.grad <- loss_scale x the gradient of the token mean of the loss over all `batches`."""
+    tokens = sum(y.numel() for _, y in batches)
+    for i, (x, y) in enumerate(batches):
+        if grad_sync is not None:
+            grad_sync(i == len(batches) - 1)
+        with autocast or contextlib.nullcontext():
+            _, loss = model(x, y)
+        (loss * (loss_scale * y.numel() / tokens)).backward()

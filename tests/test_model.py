@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, math_attention, peak_flops
+from model import GPT, GPTConfig, peak_flops
+from sophia import math_attention
 
 V, T, C, L, H = 65, 16, 32, 2, 2  # vocab, block size, width, layers, heads
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -166,7 +167,7 @@ def test_bias_false_model_has_no_biases():
 
 def test_attention_backends_agree_with_a_hand_written_causal_attention():
     """Default SDPA, the flash kernel forced (PyTorch has one for CPUs too, so this runs a
-    fused kernel, not the math fallback), the math kernel forced by math_attention(), and
+    fused kernel, not the math fallback), the math kernel forced by sophia.math_attention(), and
     an explicit softmax(q k^T / sqrt(d)) v all give the same logits (float64, so only
     rounding can differ)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -781,6 +781,90 @@ def test_hutchinson_on_two_ranks_is_the_one_process_estimate_with_one_all_reduce
             torch.testing.assert_close(e, s, rtol=1e-10, atol=1e-12)
 
 
+# ----------------------------------------------------------------------------- Hutchinson by finite differences
+
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    flat = [torch.cat([t.double().reshape(-1) for t in ts]) for ts in (got, want)]
+    return ((flat[0] - flat[1]).norm() / flat[1].norm()).item()
+
+
+def test_finite_difference_hvp_is_the_exact_one_up_to_order_eps_squared_under_the_flash_kernel():
+    """float64, unequal chunks weighted by tokens as in the exact product: the central
+    difference's error falls ~100x when eps falls 10x. It runs under the flash kernel, which
+    has no double backward: the exact product needs the math kernel."""
+    model = TinyAttentionLM()
+    x, y = token_batch(27)
+    chunks = [(x[:3], y[:3]), (x[3:6], y[3:6]), (x[6:], y[6:])]
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(31)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    exact = sophia.hessian_vector_product(model, params, chunks, v)
+    errors = []
+    for eps in (1e-2, 1e-3):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            errors.append(relative_error(sophia.fd_hessian_vector_product(model, params, chunks, v, eps), exact))
+    assert errors[1] < 3e-5 and errors[1] < errors[0] / 50, errors
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # where a double backward fails
+        grads = torch.autograd.grad(model(x, y)[1], params, create_graph=True)
+        with pytest.raises(RuntimeError, match="derivative for .*flash"):
+            torch.autograd.grad(sum((g * w).sum() for g, w in zip(grads, v)), params)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_finite_difference_hutchinson_on_a_float32_gpt_is_the_exact_estimate_within_the_measured_tolerance(dropout):
+    """The default step on a float32 GPT: within 1% of the exact estimate for the same draw of
+    u (docs/benchmarks.md measures ~1e-4 to 5e-3 on the quick-start model). With dropout both
+    passes replay the masks of the exact product's one pass (same kernel, same RNG state):
+    different masks would put an O(1/eps) error in the difference. The parameters come back
+    bitwise, .grad stays empty."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(32)
+    x, y = (torch.randint(0, 32, (4, 16), generator=gen) for _ in range(2))
+    chunks = [(x[:2], y[:2]), (x[2:], y[2:])]
+    before = [p.detach().clone() for p in params]
+    torch.manual_seed(1)
+    exact = hutchinson_hessian(model, params, chunks, torch.Generator().manual_seed(33))
+    torch.manual_seed(1)
+    with sophia.math_attention():  # the kernel whose dropout masks the exact product drew
+        estimate = sophia.hutchinson_fd_hessian(model, params, chunks, torch.Generator().manual_seed(33))
+    assert relative_error(estimate, exact) < 1e-2
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(p.grad is None for p in params)
+
+
+def test_finite_difference_restores_the_parameters_bitwise_when_a_pass_fails():
+    model = TinyAttentionLM()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    calls = []
+
+    def failing_second_pass(x, y):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return model(x, y)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sophia.hutchinson_fd_hessian(failing_second_pass, params, [token_batch(34)], torch.Generator().manual_seed(35))
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(p.grad is None for p in params)
+
+
+def test_finite_difference_refuses_gradients_already_there_and_bad_steps():
+    model = TinyAttentionLM()
+    params = list(model.parameters())
+    vectors = [torch.ones_like(p) for p in params]
+    with pytest.raises(ValueError, match="one per parameter"):
+        sophia.fd_hessian_vector_product(model, params, [token_batch(36)], vectors, [1e-3])
+    with pytest.raises(ValueError, match="positive"):
+        sophia.fd_hessian_vector_product(model, params, [token_batch(36)], vectors, 0.0)
+    params[0].grad = torch.zeros_like(params[0])
+    with pytest.raises(RuntimeError, match="empty .grad"):
+        sophia.fd_hessian_vector_product(model, params, [token_batch(36)], vectors)
+
+
 # ----------------------------------------------------------------------------- GNB
 
 class ReplicatedTokenModel(nn.Module):
