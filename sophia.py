@@ -309,15 +309,6 @@ def _denominators(hessians: list[Tensor], rho: float, eps: float, sqrt_hessian: 
     return scaled
 
 
-def _keep_unless_skipped(skip: Tensor | None, olds: list[Tensor], news: list[Tensor]) -> None:
-    """olds <- news, except where the 0-dim `skip` is true: a select on the device (never a
-    branch on the host), and one that a NaN in `news` cannot leak through, unlike lerp or a
-    multiplication by 0. torch has no foreach select; compiled, each fuses into its kernel."""
-    if skip is not None:
-        news = [torch.where(skip, old, new) for old, new in zip(olds, news)]
-    torch._foreach_copy_(olds, news)
-
-
 def _update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hessians: list[Tensor],
             lr: Tensor, found_inf: Tensor | None, *, beta1: float, rho: float, weight_decay: float, eps: float,
             maximize: bool, clip: bool, sqrt_hessian: bool) -> None:
@@ -325,18 +316,26 @@ def _update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], h
     eagerly; compiled, one fused pass per tensor that reads p, g, m, h and writes p, m:
     24 bytes per fp32 parameter):
         m <- lerp(m, g, 1 - beta1);  p <- p (1 - lr wd) - lr clip(m / max(rho h, eps), -1, 1)
-    Where the 0-dim `found_inf` is nonzero, p and m stay exactly as they were."""
-    exp_avgs_new = torch._foreach_lerp(exp_avgs, torch._foreach_neg(grads) if maximize else grads, 1.0 - beta1)
-    ratios = torch._foreach_div(exp_avgs_new, _denominators(hessians, rho, eps, sqrt_hessian))
+    Where the 0-dim `found_inf` is nonzero, p and m stay exactly as they were: m by a select
+    (a NaN or Inf in g cannot leak through it, as it would through lerp or a product with 0;
+    torch has no foreach select, so it is one where per tensor), p by lr = 0, which leaves
+    p (1 - 0) - 0 x (finite ratio) = p bitwise: the ratio is finite where m and h are, and
+    update_hessian and this select keep them so."""
+    grads = torch._foreach_neg(grads) if maximize else grads
+    if found_inf is None:
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    else:
+        skip = found_inf != 0
+        stepped = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_copy_(exp_avgs, [torch.where(skip, m, new) for m, new in zip(exp_avgs, stepped)])
+        lr = lr * ~skip
+    ratios = torch._foreach_div(exp_avgs, _denominators(hessians, rho, eps, sqrt_hessian))
     if clip:
         torch._foreach_clamp_min_(ratios, -1.0)
         torch._foreach_clamp_max_(ratios, 1.0)
     torch._foreach_mul_(ratios, lr)
-    params_new = torch._foreach_mul(params, 1.0 - lr * weight_decay)
-    torch._foreach_sub_(params_new, ratios)
-    skip = None if found_inf is None else found_inf != 0
-    _keep_unless_skipped(skip, params, params_new)
-    _keep_unless_skipped(skip, exp_avgs, exp_avgs_new)
+    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_sub_(params, ratios)
 
 
 def _count_unclipped(exp_avgs: list[Tensor], hessians: list[Tensor], *, rho: float, eps: float,

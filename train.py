@@ -78,7 +78,7 @@ grad_clip = 1.0  # clip the gradient to this global norm (0 disables)
 rho = 0.05  # Sophia only (others ignore it): clipping scale gamma (paper: 0.05 Sophia-G, 0.01 Sophia-H)
 hess_interval = 10  # Sophia only (others ignore it): steps between Hessian estimates (k)
 hess_batch_size = 240  # Sophia only (others ignore it): sequences in each Hessian estimate, over all ranks
-optimizer_impl = "auto"  # Sophia's update: 'auto' (compiled when compile=True, else reference), 'reference', 'compiled'
+optimizer_impl = "auto"  # Sophia's update: 'auto' (compiled when compile=True, else foreach), 'foreach', 'compiled'
 hess_estimator = "auto"  # Sophia's estimator: 'auto' (sophiag: 'gnb', sophiah: 'hutchinson'); ablations: 'empirical_fisher', 'adahessian'
 sophia_clip = True  # Sophia's per-coordinate clip to [-1, 1]; False only for the no-clipping ablation
 # learning rate schedule
@@ -256,7 +256,7 @@ def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Op
     cls = SophiaG if cfg.optimizer_name == "sophiag" else SophiaH
     impl = cfg.optimizer_impl
     if impl == "auto":  # compile=False asks for no compilation: of the update neither
-        impl = "compiled" if cfg.compile else "reference"
+        impl = "compiled" if cfg.compile else "foreach"
     # The win rate is sampled on the step before each log line: counting costs an extra read of m and h.
     return cls(groups, lr=cfg.learning_rate, betas=betas, rho=cfg.rho, impl=impl, stats_every=cfg.log_interval,
                clip=cfg.sophia_clip, sqrt_hessian=estimator_of(cfg) == "adahessian")

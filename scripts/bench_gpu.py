@@ -28,7 +28,7 @@ from runtime import ROOT, UserError
 from scripts.bench_optimizer import SHAPES, RunFailed, cpu_model, output_tail, run_worker, spawn
 
 GPU_TRAIN = (("adamw", "AdamW"), ("sophiag", "Sophia-G"), ("sophiah", "Sophia-H"))  # train.py's optimizer_name
-GPU_STEP = ("adamw_fused", "sophiag_compiled_s10", "sophiag_compiled", "sophiag_reference")  # in run order
+GPU_STEP = ("adamw_fused", "sophiag_compiled_s10", "sophiag_compiled", "sophiag_foreach")  # in run order
 SYNTHETIC_PREFIX = "_bench_synthetic"  # data/<prefix>_<pid>/, deleted after the run
 GPT2_VOCAB = 50257
 MIN_RUN_S = 15  # a run is started only with at least this much of the budget left
@@ -80,7 +80,7 @@ def gpu_plan(rehearse: bool, budget_s: float | None) -> GpuPlan:
             skip_windows=2, train_tokens=1 << 20, val_tokens=1 << 16, step_models=("tiny", "tiny2"),
             step_iters=10, step_warmup=10, budget_s=budget_s or 900, threads=1, train_cap_s=300, step_cap_s=300,
             est_train_s={"adamw": 8, "sophiag": 9, "sophiah": 9},
-            est_step_s={"adamw_fused": 4, "sophiag_compiled_s10": 20, "sophiag_compiled": 8, "sophiag_reference": 4})
+            est_step_s={"adamw_fused": 4, "sophiag_compiled_s10": 20, "sophiag_compiled": 8, "sophiag_foreach": 4})
     # One H100/H200: GPT-2 small at ~45% MFU takes ~0.13 s per 65K-token iteration, so compiling
     # (about a minute for the model's first graphs; inductor's on-disk cache serves later processes)
     # dominates: the estimates below are that, not measurements.
@@ -90,7 +90,7 @@ def gpu_plan(rehearse: bool, budget_s: float | None) -> GpuPlan:
         skip_windows=2, train_tokens=64 << 20, val_tokens=1 << 20, step_models=("small", "medium"),
         step_iters=50, step_warmup=10, budget_s=budget_s or 480, threads=0, train_cap_s=300, step_cap_s=120,
         est_train_s={"adamw": 100, "sophiag": 110, "sophiah": 70},
-        est_step_s={"adamw_fused": 10, "sophiag_compiled_s10": 40, "sophiag_compiled": 15, "sophiag_reference": 12},
+        est_step_s={"adamw_fused": 10, "sophiag_compiled_s10": 40, "sophiag_compiled": 15, "sophiag_foreach": 12},
         est_medium_factor=1.25)
 
 
@@ -432,7 +432,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
     first, second = plan.step_models
     order = [("train", "", "adamw"), ("train", "", "sophiag"), ("step", first, "adamw_fused"),
              ("step", first, "sophiag_compiled_s10"), ("train", "", "sophiah"), ("step", first, "sophiag_compiled"),
-             ("step", first, "sophiag_reference"), *(("step", second, n) for n in GPU_STEP)]
+             ("step", first, "sophiag_foreach"), *(("step", second, n) for n in GPU_STEP)]
     runs = [r for r in order if r[2] in (train_names if r[0] == "train" else step_names)]
     estimate = sum(plan.est_train_s[n] for n in train_names) + sum(
         plan.est_step_s[n] * (plan.est_medium_factor if m == plan.step_models[-1] else 1.0)

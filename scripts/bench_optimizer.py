@@ -7,7 +7,7 @@ peak memory, printed as Markdown tables.
 
 --what step    Optimizer step time on GPT-2-small-shaped parameters (the real
                model.GPT(GPTConfig()) shapes, 124M fp32 parameters split into the decay /
-               no-decay groups train.py uses, random gradients): SophiaG with impl reference /
+               no-decay groups train.py uses, random gradients): SophiaG with impl foreach /
                compiled (and compiled with stats_every=10, the "_s10" row: what train.py and
                a sampled win rate cost) against torch.optim.AdamW fused=True and foreach=True, and Lion (lion_pytorch).
                --iters timed steps after --warmup steps (the warmup holds torch.compile's
@@ -82,7 +82,7 @@ SHAPES = {
 SHAPES["tiny2"] = SHAPES["tiny"]  # the same graphs: the rehearsal's second shape reuses inductor's cache
 
 # sophiag_<impl>[_s<n>]: SophiaG(impl=<impl>, stats_every=<n>)
-STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "muon", "sophiag_reference", "sophiag_compiled",
+STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "muon", "sophiag_foreach", "sophiag_compiled",
                    "sophiag_compiled_s10")
 # (label, optimizer_name, optimizer_impl) for train.py
 TRAIN_RUNS = (("adamw", "adamw", "auto"), ("lion", "lion", "auto"), ("sophiag", "sophiag", "auto"),

@@ -92,7 +92,7 @@ def fake_gpu_results(plan) -> dict:
                 "cuda_peak_mib": 2000.0, "peak_rss_mib": 900.0}
 
     small = {"adamw_fused": step(1.0, 1.0), "sophiag_compiled_s10": step(0.86, 0.88),
-             "sophiag_compiled": step(0.95, 0.95), "sophiag_reference": {"status": "failed: exit 1: boom"}}
+             "sophiag_compiled": step(0.95, 0.95), "sophiag_foreach": {"status": "failed: exit 1: boom"}}
     medium = {"adamw_fused": step(3.0, 3.0), "sophiag_compiled_s10": step(2.9, 2.95)}
     return {"train": {"adamw": train(130.0, 0.47, 20.0), "sophiag": train(133.0, 0.46, 20.4, 4.0, 32),
                       "sophiah": train(140.0, 0.44, 21.0, 9.0, 4)},
@@ -153,7 +153,7 @@ def test_a_failed_or_late_run_costs_only_its_row(tmp_path, monkeypatch):
 
     def worker(args, timeout, threads=0):
         seen.append(f"{args[5]} {args[1]}")
-        if args[1] == "sophiag_reference":
+        if args[1] == "sophiag_foreach":
             clock.offset = 10_000.0  # the deadline passes during this run
         return fake["step"]["small"]["adamw_fused"]
 
@@ -163,7 +163,7 @@ def test_a_failed_or_late_run_costs_only_its_row(tmp_path, monkeypatch):
                               raw=tmp_path / "raw.json")
     assert gpu.bench_gpu(args) == 1
     assert seen == ["adamw", "sophiag", "tiny adamw_fused", "tiny sophiag_compiled_s10", "sophiah",
-                    "tiny sophiag_compiled", "tiny sophiag_reference"]
+                    "tiny sophiag_compiled", "tiny sophiag_foreach"]
     text = args.out.read_text()
     assert "| Sophia-G | | failed: ValueError: boom |" in text
     assert re.search(r"\| Sophia-H \| \| stopped by the --budget-s deadline after \d+ s \|", text)

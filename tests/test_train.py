@@ -403,7 +403,7 @@ cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
     pytest.param(["--optimizer_name=sophiag", "--hess_estimator=fisher"], ["hess_estimator='fisher'", "empirical_fisher"],
                  id="unknown-estimator"),
     pytest.param(["--hess_estimator=gnb"], ["for Sophia", "--optimizer_name=sophiag"], id="estimator-without-sophia"),
-    pytest.param(["--optimizer_impl=fast"], ["optimizer_impl='fast'", "reference, compiled"], id="unknown-optimizer-impl"),
+    pytest.param(["--optimizer_impl=fast"], ["optimizer_impl='fast'", "foreach, compiled"], id="unknown-optimizer-impl"),
     pytest.param(["--dataset=_no_such_dataset"], ["'_no_such_dataset' not found", "shakespeare_char"],
                  id="unknown-dataset"),
     pytest.param(["--device=cuda"], ["no CUDA GPU", "--device=cpu"], id="cuda-without-gpu", marks=cuda_missing),
