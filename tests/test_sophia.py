@@ -813,7 +813,7 @@ def test_finite_difference_hvp_is_the_exact_one_up_to_order_eps_squared_under_th
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_finite_difference_hutchinson_on_a_float32_gpt_is_the_exact_estimate_within_the_measured_tolerance(dropout):
     """The default step on a float32 GPT: within 1% of the exact estimate for the same draw of
-    u (docs/benchmarks.md measures ~1e-4 to 5e-3 on the quick-start model). With dropout both
+    u (docs/benchmarks.md measures ~1e-4 on the quick-start model). With dropout both
     passes replay the masks of the exact product's one pass (same kernel, same RNG state):
     different masks would put an O(1/eps) error in the difference. The parameters come back
     bitwise, .grad stays empty."""
