@@ -18,7 +18,9 @@ All studies share --runs_dir, so a run two studies have in common (the baseline)
 once, and runs of an earlier compare.py in that folder are reused when their settings match.
 Each study's results.md, results.json and plots go to <runs_dir>/ablation-<study>/, and
 <runs_dir>/ablations.md collects every study's table. Every other option (--steps,
---lr_grid, --lrs, --seeds, --jobs, --threads, --key=value overrides) goes to compare.py.
+--lr_grid, --lrs, --seeds, --jobs, --threads, --launcher slurm and its options, --key=value
+overrides) goes to compare.py; under SLURM every study's runs are submitted at once, a run
+two studies share once, and running the same command again collects them.
 The paper tunes the LR of every variant: pass an --lr_grid of several points to do the same.
 """
 
@@ -135,10 +137,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for study, study_argv in argvs.items():
         print(f"== {study}: python -m scripts.compare {' '.join(study_argv)}", flush=True)
         out[study] = results = compare.main(study_argv)
+        if "--dry_run" in passed:  # the job scripts or commands printed; nothing written
+            continue
         plot = None
         if study == "rho_beta2":
             plot = plot_rho_beta2(results, cfg["rho"], runs_dir / f"ablation-{study}" / "rho_beta2.png")
         lines += summary(study, results, plot)
+    if "--dry_run" in passed:
+        return out
     (runs_dir / "ablations.md").write_text("\n".join(lines))
     (runs_dir / "ablations.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {runs_dir / 'ablations.md'}")

@@ -15,10 +15,11 @@ appended to <out_dir>/train.log, as for a local run.
 
 Preemption: the job asks for USR1 `--signal_s` seconds before its time limit
 (`--signal=B:USR1@S`, to the batch shell). The shell passes a USR1 or a TERM (a scheduler's
-preemption) to the training process as SIGTERM (torchrun forwards it to its workers): train.py
-finishes its step, saves a checkpoint and exits, and the shell requeues the job (`scontrol
-requeue`; it has `--requeue`), which starts again from the top and continues from that
-checkpoint with --init_from=auto, exactly as an uninterrupted run. A job that ends without a
+preemption) on to the training process as USR1 (srun forwards USR1 to its tasks, where a TERM
+would cancel the step; torchrun forwards it to its ranks): train.py finishes its step, saves a
+checkpoint and exits, and the shell requeues the job (`scontrol requeue`; it has `--requeue`),
+which starts again from the top and continues from that checkpoint with --init_from=auto,
+exactly as an uninterrupted run. A job that ends without a
 stop request is not requeued: a run that fails (train.py exits 2 with a one-line error for a
 user mistake) fails once, and its exit status goes to <out_dir>/slurm.exit.
 
@@ -34,8 +35,8 @@ would fail the same way: --retry_failed submits those too, once the cause is fix
 import argparse
 import fcntl
 import getpass
-import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ from scripts.compare_plan import Run, is_finished
 from scripts.compare_run import error_line, waiting
 
 SCRIPT, JOB, EXIT, LOCK = "slurm.sbatch", "slurm.job", "slurm.exit", "slurm.lock"
+# torchrun forwards these to its ranks; by default it would die on USR1, the stop the job passes on
+FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 QUEUED = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD")
 
 
@@ -75,9 +78,9 @@ def check_options(args: argparse.Namespace) -> None:
     if args.nodes < 1 or args.gpus_per_node < 0 or args.cpus_per_task < 1 or args.signal_s < 1 or args.poll_s <= 0:
         raise UserError("--nodes, --cpus_per_task and --signal_s must be at least 1, --gpus_per_node at least 0, "
                         "--poll_s positive")
-    if args.launcher == "slurm" and not (args.dry_run or args.no_train):
-        for tool in ("sbatch", "squeue"):
-            if not any((Path(d) / tool).exists() for d in os.environ.get("PATH", "").split(os.pathsep)):
+    if args.launcher == "slurm" and not args.dry_run:
+        for tool in ("squeue",) if args.no_train else ("sbatch", "squeue"):
+            if shutil.which(tool) is None:
                 raise UserError(f"--launcher slurm: {tool} not found on PATH; run on a SLURM login node, "
                                 "or --dry_run to print the job scripts")
 
@@ -99,7 +102,8 @@ def script(run: Run, args: argparse.Namespace) -> str:
     else:  # one torchrun per node; the port from the job id, so two jobs sharing a node do not collide
         launch = ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
                   'srun --kill-on-bad-exit=1 ' + shlex.join([train[0], "-m", "torch.distributed.run"])
-                  + f' --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={procs} --shutdown_timeout={args.signal_s}'
+                  + f' --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={procs} --signals_to_handle={FORWARDED}'
+                  + f' --shutdown_timeout={args.signal_s}'
                   + ' --rdzv_backend=c10d'
                   + ' --rdzv_endpoint="$head:$((20000 + SLURM_JOB_ID % 20000))" --rdzv_id="$SLURM_JOB_ID" '
                   + shlex.join(train[1:]))
@@ -113,7 +117,7 @@ def script(run: Run, args: argparse.Namespace) -> str:
         f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}",
         f"rm -f {shlex.quote(str(out / EXIT))}",
         "stopping=",
-        "stop() { stopping=1; kill -TERM \"$pid\" 2>/dev/null; }",
+        "stop() { stopping=1; kill -USR1 \"$pid\" 2>/dev/null; }",
         "trap stop USR1 TERM",
         launch + " &",
         "pid=$!",
@@ -121,7 +125,7 @@ def script(run: Run, args: argparse.Namespace) -> str:
         "while kill -0 \"$pid\" 2>/dev/null; do wait \"$pid\"; done  # a trapped signal interrupts wait",
         "wait \"$pid\"; code=$?",
         "if [ -n \"$stopping\" ] && [ \"$code\" -ne 2 ]; then",
-        "    echo \"slurm: job $SLURM_JOB_ID stopped with a checkpoint (exit $code); requeued\"",
+        "    echo \"slurm: job $SLURM_JOB_ID stopped (exit $code); requeued to continue from its latest checkpoint\"",
         "    scontrol requeue \"$SLURM_JOB_ID\"",
         "    exit 0",
         "fi",

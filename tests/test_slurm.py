@@ -65,7 +65,8 @@ def test_dry_run_prints_a_multi_node_torchrun_job_and_writes_nothing(tmp_path, c
                       "#SBATCH --constraint=a100"]
     assert "\nsource venv/bin/activate\nexport OMP_NUM_THREADS=8 MKL_NUM_THREADS=8\n" in out
     launch = next(line for line in out.splitlines() if line.startswith("srun "))
-    assert "-m torch.distributed.run --nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc_per_node=4 --shutdown_timeout=120" in launch
+    assert ("-m torch.distributed.run --nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc_per_node=4 "
+            "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout=120") in launch
     assert '--rdzv_endpoint="$head:' in launch and launch.endswith(f"--out_dir={run} --init_from=auto &")
     assert "scontrol requeue" in out and not runs_dir.exists()
 
@@ -125,7 +126,8 @@ def test_preempted_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(l
     out = capsys.readouterr().out
     assert "ok: " in out and "failed" not in out
     log = (out_dir / "train.log").read_text()
-    assert "received SIGTERM" in log and f"slurm: job {job} stopped with a checkpoint (exit 0); requeued" in log
+    assert "received SIGUSR1: saved a checkpoint at step" in log
+    assert f"slurm: job {job} stopped (exit 0); requeued to continue from its latest checkpoint" in log
     assert job_field(job, "Restarts") == "1" and (out_dir / "slurm.job").read_text().strip() == job
 
     assert evals(out_dir) == evals(local / out_dir.name) and max(evals(out_dir)) == STEPS
