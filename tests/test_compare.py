@@ -410,6 +410,18 @@ def test_results_tell_runs_not_run_from_failed_ones(tmp_path, monkeypatch):
     assert "not run" not in md
 
 
+def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    argv = [BASE, "--optimizers", "adamw,sophiag", "--steps", "10", "--lr_grid", "1", "--seeds", "1",
+            "--runs_dir", str(runs_dir), "--hess_batch_size=6", "--dry_run", "--jobs", "2", "--threads", "2"]
+    results = compare.main(argv)
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and all(c.startswith("$ OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python train.py ")
+                                      for c in commands)
+    assert [r["state"] for g in results["groups"] for r in g["lrs"][0]["runs"]] == ["not run", "not run"]
+    assert not runs_dir.exists()
+
+
 def test_no_plots_before_any_group_has_a_finished_lr(tmp_path):
     """--no_train before any run has finished: results.md and results.json, but no plot (each
     would be empty, its legend a matplotlib warning)."""
