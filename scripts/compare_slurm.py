@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from runtime import ROOT, UserError, shown
@@ -152,8 +153,8 @@ def ended_as(job: str) -> str:
 
 
 def state_of(run: Run, jobs: dict[str, str]) -> str:
-    """A run's state from its folder and the queue (read before the folder: a job ending in
-    between is seen finished)."""
+    """A run's state from its folder and `jobs`, the queue read before (a job ending in between
+    is seen finished)."""
     job = (run.out_dir / JOB).read_text().strip() if (run.out_dir / JOB).exists() else ""
     if is_finished(run):
         return "ok"
@@ -172,7 +173,8 @@ def submit(run: Run, args: argparse.Namespace) -> str:
     run.out_dir.mkdir(parents=True, exist_ok=True)
     with open(run.out_dir / LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until the job id is written: one submission per run
-        state = state_of(run, queue())
+        # the queue as of now: another compare may have submitted this run a moment ago
+        state = state_of(run, queue() if (run.out_dir / JOB).exists() else {})
         if state == "ok" or waiting(state) and state != "not run":
             return state
         if state.startswith("failed (exit 2,") and not args.retry_failed:
@@ -217,9 +219,6 @@ def execute(todo: list[Run], args: argparse.Namespace) -> dict[Run, str]:
         states = {run: state_of(run, jobs) for run in todo}
         for run, state in states.items():
             report(run, state, seen)
-    counts: dict[str, int] = {}
-    for state in states.values():
-        key = state.split(" (")[0]
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter(state.split(" (")[0] for state in states.values())
     print(f"{len(todo)} run(s) not finished before: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return states
