@@ -1,6 +1,6 @@
 """`pip install .` installs the optimizer alone: the wheel built from this repository holds
-sophia.py and nothing else, and in a fresh virtual environment (which has torch from the
-system site-packages but not this repository) the README's own-loop snippet runs against
+sophia.py and nothing else, and in a fresh virtual environment (which imports torch from the
+environment running the tests, virtualenv or not, but not this repository) the README's own-loop snippet runs against
 the installed module and trains a model.
 
 Nothing is downloaded: the wheel is built without build isolation (setuptools comes from
@@ -60,6 +60,17 @@ def readme_snippet() -> str:
     return matches[0]
 
 
+def see_this_environment(python: Path) -> None:
+    """Let the venv of `python` import this environment's packages (torch, pip), after its own.
+
+    A venv's system_site_packages would expose the base interpreter's packages, which lack
+    torch when this test itself runs in a virtualenv; a .pth file names the site-packages
+    folders this interpreter imports from, wherever they are."""
+    inner = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=python.parent)
+    folders = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    (Path(inner.strip()) / "outer_environment.pth").write_text("".join(f"{p}\n" for p in folders))
+
+
 def run(*cmd, cwd: Path) -> str:
     result = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -77,11 +88,10 @@ def test_the_wheel_installs_sophia_alone_and_the_readme_snippet_trains_with_it(t
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"sophia.py"}, names
 
-    # The venv sees torch in the system site-packages (no download) and runs this
-    # environment's pip, which installs into the venv.
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    see_this_environment(python)
     run(python, "-m", "pip", "install", "--no-deps", "--no-index", wheel, cwd=tmp_path)
 
     script = tmp_path / "own_loop.py"
