@@ -1,9 +1,9 @@
-"""The GPU benchmark of issue #11 (`--what gpu` of scripts/bench_optimizer.py): three train.py
+"""The GPU benchmark (`--what gpu` of scripts/bench_optimizer.py): three train.py
 runs of GPT-2 small (AdamW, Sophia-G, Sophia-H; compile, bf16) on synthetic tokens and the
 optimizer step on GPT-2 small and medium shapes, within one time budget, written up as a
-Markdown report that marks each of the issue's GPU targets met or missed.
+Markdown report that marks each of the GPU targets met or missed.
 
-    python -m scripts.bench_optimizer --what gpu [--rehearse] [--budget-s S] [--only ...] [--out FILE]
+    python -m scripts.bench_optimizer --what gpu [--rehearse] [--budget_s S] [--only ...] [--output FILE]
 
 No entry point of its own, so the command has one parser: scripts/bench_optimizer.py parses the
 arguments and calls bench_gpu(); this module uses its subprocess helpers and step worker.
@@ -257,7 +257,7 @@ def ratio(a, b) -> float | None:
 def gpu_report(plan: GpuPlan, results: dict, hess: dict, header: dict) -> str:
     train, step = results["train"], results["step"]
     rehearsal = " (rehearsal: not a measurement)" if plan.rehearse else ""
-    lines = ["# GPU benchmark: Sophia against AdamW (issue #11)", ""]
+    lines = ["# GPU benchmark: Sophia against AdamW", ""]
     if plan.rehearse:
         lines += ["**Rehearsal on the CPU at a tiny size, compile=False, "
                   f"{plan.threads or 'the default number of'} torch thread(s) per process: it runs the GPU "
@@ -338,7 +338,7 @@ def gpu_report(plan: GpuPlan, results: dict, hess: dict, header: dict) -> str:
                          f"{fmt(ratio(r.get(peak_key), ref.get(peak_key)), '.3f')}x |")
 
     # --- targets
-    lines += ["", "## Targets (issue #11)", "", "| target | measured | |", "|---|---|---|"]
+    lines += ["", "## Targets", "", "| target | measured | |", "|---|---|---|"]
     for target, measured, verdict in gpu_targets(plan, results, header.get("gpu_name", "")):
         lines.append(f"| {target} | {measured} | {verdict}{rehearsal if verdict not in ('not measured',) else ''} |")
     return "\n".join(lines) + "\n"
@@ -454,7 +454,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
           f"{plan.train_label}, {plan.max_iters} iterations of {plan.tokens_per_iter:,} tokens each; "
           f"{len(step_names)} optimizers x {len(plan.step_models)} shapes in the step benchmark). Estimated "
           f"{estimate / 60:.1f} min{where}; "
-          f"deadline {plan.budget_s / 60:.1f} min (--budget-s): runs that would pass it are stopped and reported "
+          f"deadline {plan.budget_s / 60:.1f} min (--budget_s): runs that would pass it are stopped and reported "
           f"as such.", file=sys.stderr, flush=True)
     for name in ("sophiag", "sophiah"):
         print(f"  {name}: hess_batch_size {hess[name][0]} ({hess[name][1]})", file=sys.stderr)
@@ -467,9 +467,9 @@ def bench_gpu(args: argparse.Namespace) -> int:
                               f"(estimated {estimate:.0f} s at the start)" if final else
                               f"In progress: {done} of {len(runs)} runs done after {elapsed:.0f} s")
         text = gpu_report(plan, results, hess, header)
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text)
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text)
         if args.raw is not None:
             args.raw.write_text(json.dumps({"plan": dataclasses.asdict(plan), "results": results}, indent=1,
                                            default=str))
@@ -491,7 +491,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
             remaining = plan.budget_s - (time.monotonic() - start)
             slot = results["train"] if kind == "train" else results["step"][model]
             if remaining < MIN_RUN_S:
-                slot[name] = {"status": "not run: the --budget-s deadline had passed"}
+                slot[name] = {"status": "not run: the --budget_s deadline had passed"}
                 log(f"{kind} {model} {name}: not run, over the budget")
                 continue
             what = f"train {name}" if kind == "train" else f"step {model} {name}"
@@ -511,7 +511,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
                 failed += 1
                 deadline = isinstance(e, RunFailed) and str(e).endswith(f"timed out after {timeout:.0f} s") \
                     and timeout == remaining
-                status = (f"stopped by the --budget-s deadline after {timeout:.0f} s" if deadline else
+                status = (f"stopped by the --budget_s deadline after {timeout:.0f} s" if deadline else
                           f"failed: {e if isinstance(e, RunFailed) else f'{type(e).__name__}: {e}'}")
                 slot[name] = {"status": status.replace("|", "/").replace("\n", " ")}
                 log(f"{what} FAILED: {status}\n{getattr(e, 'tail', '')}")

@@ -2,8 +2,8 @@
 peak memory, printed as Markdown tables.
 
     python -m scripts.bench_optimizer                                  # everything, printed
-    python -m scripts.bench_optimizer --what step --iters 20 --threads 1
-    python -m scripts.bench_optimizer --what train --train-iters 100 --repeats 2 --out bench.md
+    python -m scripts.bench_optimizer --what=step --iters=20 --threads=1
+    python -m scripts.bench_optimizer --what=train --train_iters=100 --repeats=2 --output=bench.md
 
 --what step    Optimizer step time on GPT-2-small-shaped parameters (the real
                model.GPT(GPTConfig()) shapes, 124M fp32 parameters split into the decay /
@@ -15,7 +15,7 @@ peak memory, printed as Markdown tables.
                fused AdamW. Sophia's update_hessian (once every k steps in training) is timed
                separately. Each optimizer runs in a fresh subprocess.
 --what train   Mean training-iteration time of a short train.py run per optimizer, same
-               settings for all: config/train_shakespeare_char.py, --train-iters steps,
+               settings for all: config/train_shakespeare_char.py, --train_iters steps,
                hess_interval=10 with a half-batch estimator (hess_batch_size = batch_size / 2),
                log_interval=10 (so every logged window holds exactly one estimator call).
                time_ms comes from out_dir/metrics.jsonl: the median of the 10-iteration windows
@@ -29,16 +29,16 @@ peak memory, printed as Markdown tables.
                the interpreter, torch and the data; the RSS after imports is shown so the growth
                can be compared). "memory" runs the step and train benchmarks for this.
 --what all     All of the above (the default).
---what gpu     The GPU benchmark of issue #11, on synthetic tokens (no dataset needed), within
-               --budget-s seconds (default 480: 8 minutes on one H100/H200, compilation
+--what gpu     The GPU benchmark, on synthetic tokens (no dataset needed), within
+               --budget_s seconds (default 480: 8 minutes on one H100/H200, compilation
                included; a run that would pass the deadline is stopped and reported as such):
                (1) three real `python train.py` runs of config/train_gpt2_small_{adamw,sophiag,
                sophiah}.py with compile=True, bf16, block 1024, batch 16 x 4 sequences, k = 10 and
                the paper's estimator fractions of the batch (Sophia-G 240/480 -> 32, Sophia-H
                32/480 -> 4): iteration time, tokens/s, MFU, peak memory, estimator time; (2) the
                step benchmark on GPT-2 small and medium shapes for fused AdamW and SophiaG's impls.
-               Writes a Markdown report (also to --out, rewritten after every run) ending with the
-               issue's GPU targets, each measured and marked met or missed. Needs CUDA; --rehearse
+               Writes a Markdown report (also to --output, rewritten after every run) ending with the
+               GPU targets, each measured and marked met or missed. Needs CUDA; --rehearse
                runs the same path on the CPU at a tiny size (about a minute) to catch mistakes
                before a GPU is spent on them.
 
@@ -46,13 +46,13 @@ The device is CUDA when available, else the CPU. On a CPU shared with other jobs
 --threads 1: with 2 intra-op threads every parallel region waits for a descheduled thread
 (fused AdamW measured 1.2 s a step with 2 threads vs 0.12 s with 1 on a busy 2-core machine).
 --repeats runs every measurement several times, the optimizers interleaved. --only picks a
-subset, --out writes the Markdown to a file as well as printing it, --raw every number as JSON.
+subset, --output writes the Markdown to a file as well as printing it, --raw every number as JSON.
 
 --model picks the step benchmark's parameter shapes: GPT-2 small (default) or medium.
 
-The issue's targets, which the tables are read against: Sophia step time <= 0.8x fused
+The targets the tables are read against: Sophia step time <= 0.8x fused
 AdamW; Sophia-G training iteration <= 1.05x AdamW at k=10 with a half-batch estimator;
-Sophia-H <= 1.10x; peak memory within 5% of AdamW. --what gpu states its own (issue #11).
+Sophia-H <= 1.10x; peak memory within 5% of AdamW. --what gpu states its own.
 """
 
 import argparse
@@ -496,12 +496,12 @@ def main() -> None:
     parser.add_argument("--what", choices=("step", "train", "memory", "all", "gpu"), default="all")
     parser.add_argument("--rehearse", action="store_true",
                         help="with --what gpu: run its whole path on the CPU at a tiny size (about a minute)")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget_s", type=float, default=None,
                         help="with --what gpu: the deadline in seconds (default 480; 900 with --rehearse)")
     parser.add_argument("--model", choices=("small", "medium"), default="small",
                         help="parameter shapes of the step benchmark: GPT-2 small or medium")
     parser.add_argument("--iters", type=int, default=10, help="timed optimizer steps per run (step)")
-    parser.add_argument("--train-iters", type=int, default=80, help="iterations of each training run (train)")
+    parser.add_argument("--train_iters", type=int, default=80, help="iterations of each training run (train)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before timing (step)")
     parser.add_argument("--repeats", type=int, default=1, help="run every measurement this many times")
     parser.add_argument("--only", default=None,
@@ -510,7 +510,7 @@ def main() -> None:
                              "the baselines adamw_fused and adamw are always run")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads in every run (default: torch's default)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the Markdown to this file")
+    parser.add_argument("--output", type=Path, default=None, help="also write the Markdown to this file")
     parser.add_argument("--raw", type=Path, default=None, help="write every measurement as JSON to this file")
     args = parser.parse_args()
     if args.rehearse and args.what != "gpu":
@@ -535,7 +535,7 @@ def main() -> None:
             sections.append(mem)
     if args.what in ("train", "memory", "all"):
         if args.train_iters < 20:
-            parser.error("--train-iters must be >= 20 (the first 10-iteration window is left out)")
+            parser.error("--train_iters must be >= 20 (the first 10-iteration window is left out)")
         table, mem, raw["train"] = bench_train(args.train_iters, args.repeats, args.threads, train_runs)
         if args.what != "memory":
             sections.append(table)
@@ -543,9 +543,9 @@ def main() -> None:
             sections.append(mem)
     text = "\n\n".join(sections) + "\n"
     print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
     if args.raw is not None:
         args.raw.write_text(json.dumps(raw, indent=1))
 

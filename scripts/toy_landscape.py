@@ -6,7 +6,7 @@ and one flat dimension (Sec. 2.1),
 from (0.2, 0): minimum at (1, 4), saddle at (0, 4) (L1 has a local maximum at t1 = 0).
 
     python -m scripts.toy_landscape                      # writes docs/toy_landscape.png
-    python -m scripts.toy_landscape --steps 50 --out /tmp/toy.png
+    python -m scripts.toy_landscape --steps=50 --output=/tmp/toy.png
 
 Every method is deterministic (full gradients) and runs through torch: GD is
 torch.optim.SGD, Adam torch.optim.Adam (with its EMAs), Sophia the project's
@@ -121,19 +121,19 @@ def plot(paths: dict[str, np.ndarray], out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
     """Run every method, write the figure, print and return each final (t1, t2, loss)."""
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "toy_landscape.png"))
+    p.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "toy_landscape.png"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--gd_lr", type=float, default=0.02)
     p.add_argument("--sign_lr", type=float, default=0.1, help="SignGD's and Adam's learning rate")
     p.add_argument("--sophia_lr", type=float, default=0.5, help="Sophia's lr (= rho: the largest step per coordinate)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     paths = trajectories(args.steps, args.gd_lr, args.sign_lr, args.sophia_lr)
-    plot(paths, Path(args.out))
+    plot(paths, Path(args.output))
     finals = {}
     for name, path in paths.items():
         finals[name] = (float(path[-1, 0]), float(path[-1, 1]), loss_fn(torch.from_numpy(path[-1])).item())
         print(f"{name:7s} final point ({finals[name][0]:+.4f}, {finals[name][1]:+.4f}), loss {finals[name][2]:.4g}")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.output}")
     return finals
 
 

@@ -159,15 +159,15 @@ def test_a_failed_or_late_run_costs_only_its_row(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gpu, "gpu_train_run", train_run)
     monkeypatch.setattr(gpu, "run_worker", worker)
-    args = argparse.Namespace(rehearse=True, budget_s=100.0, threads=0, only=None, out=tmp_path / "report.md",
+    args = argparse.Namespace(rehearse=True, budget_s=100.0, threads=0, only=None, output=tmp_path / "report.md",
                               raw=tmp_path / "raw.json")
     assert gpu.bench_gpu(args) == 1
     assert seen == ["adamw", "sophiag", "tiny adamw_fused", "tiny sophiag_compiled_s10", "sophiah",
                     "tiny sophiag_compiled", "tiny sophiag_foreach"]
-    text = args.out.read_text()
+    text = args.output.read_text()
     assert "| Sophia-G | | failed: ValueError: boom |" in text
-    assert re.search(r"\| Sophia-H \| \| stopped by the --budget-s deadline after \d+ s \|", text)
-    assert text.count("not run: the --budget-s deadline had passed") == 4  # the tiny2 step runs
+    assert re.search(r"\| Sophia-H \| \| stopped by the --budget_s deadline after \d+ s \|", text)
+    assert text.count("not run: the --budget_s deadline had passed") == 4  # the tiny2 step runs
     assert "| AdamW | - | 130.0 | 1.000x |" in text
     assert json.loads(args.raw.read_text())["results"]["train"]["sophiag"]["status"] == "failed: ValueError: boom"
     assert not (bench.ROOT / "data" / f"{gpu.SYNTHETIC_PREFIX}_{os.getpid()}").exists()
@@ -198,13 +198,13 @@ def test_rehearsal_runs_the_gpu_path_end_to_end(tmp_path):
     """--what gpu --rehearse: three train.py runs and eight step workers on the CPU, the report
     written, the synthetic dataset deleted (about a minute on an idle 2-core machine)."""
     out, raw = tmp_path / "report.md", tmp_path / "raw.json"
-    proc = subprocess.run([sys.executable, "-m", "scripts.bench_optimizer", "--what", "gpu", "--rehearse",
-                           "--out", str(out), "--raw", str(raw)], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench_optimizer", "--what=gpu", "--rehearse",
+                           f"--output={out}", f"--raw={raw}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert text in proc.stdout
-    for heading in ("## Training iteration", "## Optimizer step", "## Targets (issue #11)"):
+    for heading in ("## Training iteration", "## Optimizer step", "## Targets"):
         assert heading in text
     for label in ("AdamW", "Sophia-G", "Sophia-H"):
         assert re.search(rf"^\| {label} \| [-\d]+ \| [\d.]+ \| [\d.]+x \|", text, re.M), (label, text)
