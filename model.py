@@ -8,11 +8,20 @@ plain math kernel where a double backward needs it.
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+
+def hf_progress_bars_on_terminal_only() -> None:
+    """transformers' and the Hub's progress bars (downloading, loading, saving weights) on a
+    terminal only: a log file gets none."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging
+        logging.disable_progress_bar()
 
 
 @dataclass
@@ -184,6 +193,7 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
         except ImportError as e:
             raise ImportError("from_pretrained needs `pip install transformers`") from e
+        hf_progress_bars_on_terminal_only()
         try:
             hf_model = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=True)
         except OSError:

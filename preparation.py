@@ -1,13 +1,16 @@
 """What the corpus preparations (data/openwebtext, data/fineweb_edu) share: their output folder
-(checked, locked, cleared of a killed run's temporary files), local input files, and GPT-2
-tokenizing. Their errors are runtime.UserError: one line, exit status 2.
+(checked, locked, cleared of a killed run's temporary files), local input files, GPT-2
+tokenizing, and datasets' logging and progress bars kept out of logs. Their errors are runtime.UserError: one line, exit status 2.
 """
 
 import glob
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import datasets
 
 from dataset import TEMPORARY_NAME
 from runtime import RunLock, UserError, writable_dir
@@ -40,6 +43,21 @@ def tokenize(batch: dict, text_column: str) -> dict:
     enc = gpt2_encoding()  # cached per worker process, so each loads the BPE files once
     ids = [enc.encode_ordinary(text) + [enc.eot_token] for text in batch[text_column]]
     return {"ids": ids, "len": [len(x) for x in ids]}
+
+
+def quiet_datasets() -> Callable[[], None]:
+    """Turn datasets' logging off (a read error is told once, by the error line) and its progress
+    bars too unless stderr is a terminal, so a log file gets no bars; returns the undo."""
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+
+    def restore() -> None:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+    return restore
 
 
 @contextmanager

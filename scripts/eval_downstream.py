@@ -77,6 +77,7 @@ from tqdm import tqdm
 
 import configurator
 from checkpoint import load_trained_model
+from model import hf_progress_bars_on_terminal_only
 from runtime import UserError, exit_on_user_error, placement, writable_file, write_output
 from tokenizer import gpt2_encoding, load_tokenizer
 
@@ -259,7 +260,7 @@ class ModelScorer:
         self.truncated = cut / max(1, len(requests))
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
         results = [0.0] * len(encoded)
-        with torch.no_grad(), tqdm(total=len(encoded), desc=desc, unit="req", file=sys.stderr) as bar:
+        with torch.no_grad(), tqdm(total=len(encoded), desc=desc, unit="req", disable=not sys.stderr.isatty()) as bar:
             for b in range(0, len(order), self.batch_size):
                 batch = order[b:b + self.batch_size]
                 x = torch.zeros((len(batch), len(encoded[batch[0]][0]) - 1), dtype=torch.long)
@@ -309,6 +310,9 @@ def load_hf(hf_dir: Path) -> tuple["PreTrainedModel", Callable[[str], list[int]]
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json); "
                         f"export one with scripts/export_hf.py")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    hf_progress_bars_on_terminal_only()
+    logging.set_verbosity_error()  # not its warning of over-long inputs: the scorer tells of cut contexts itself
     try:
         model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
         char_vocab = hf_dir / "char_vocab.json"

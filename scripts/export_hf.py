@@ -39,7 +39,7 @@ import torch
 
 import configurator
 from checkpoint import load_trained_model
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, hf_progress_bars_on_terminal_only
 from runtime import UserError, exit_on_user_error, writable_dir
 from tokenizer import GPT2_DIR
 
@@ -128,6 +128,7 @@ def export(model: GPT, meta: dict, hf_dir: str | Path) -> Path:
         raise UserError(f"meta.json lists {len(meta['chars'])} characters but the model has "
                         f"vocab_size={model.config.vocab_size}; the dataset was re-prepared since training")
     hf_dir.mkdir(parents=True, exist_ok=True)
+    hf_progress_bars_on_terminal_only()
     to_hf_model(model, bpe).save_pretrained(hf_dir, safe_serialization=True)
     if bpe:
         gpt2_tokenizer(model.config.block_size).save_pretrained(hf_dir)

@@ -20,12 +20,12 @@ import train
 from model import GPT, GPTConfig
 
 from scripts import eval_downstream as ed
-from tests.helpers import expect_one_line_error
+from tests.helpers import BPE, CHAR, expect_one_line_error
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "superglue"
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
         "--eval_interval=4", "--eval_iters=1", "--gradient_accumulation_steps=1", "--device=cpu",
-        "--compile=False", "--dataset=shakespeare_char"]
+        "--compile=False", f"--dataset={CHAR}"]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,8 @@ def test_batched_scorer_equals_a_plain_forward_pass_and_cuts_long_prompts_from_t
 def test_tiny_trained_model_end_to_end(char_run, tmp_path, capsys):
     report = ed.main([f"--out_dir={char_run}", f"--data_dir={FIXTURE}", "--device=cpu",
                       f"--output={tmp_path / 'results'}"])
-    table = capsys.readouterr().out
+    table, err = capsys.readouterr()
+    assert "\r" not in err  # no progress bar off a terminal
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(report))
     assert (tmp_path / "results.md").read_text().strip() == table.strip()
     assert set(report["tasks"]) == {"boolq", "rte", "cb", "copa"}
@@ -183,7 +184,7 @@ def test_a_bpe_checkpoint_scores_over_gpt2s_vocabulary_like_its_export(tmp_path)
     from scripts import export_hf
     out_dir = tmp_path / "bpe"
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main([*TINY, "--dataset=shakespeare", f"--out_dir={out_dir}"])
+        train.main([*TINY, f"--dataset={BPE}", f"--out_dir={out_dir}"])
         export_hf.main([f"--out_dir={out_dir}", f"--hf_dir={tmp_path / 'hf'}"])
     cfg = {**ed.DEFAULTS, "device": "cpu", "out_dir": str(out_dir)}
     ours, _ = ed.load_scorer(cfg)

@@ -24,9 +24,8 @@ from checkpoint import load_trained_model
 from model import GPT, GPTConfig
 
 from scripts import export_hf
-from tests.helpers import expect_one_line_error
+from tests.helpers import BPE, CHAR, expect_one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
         "--eval_interval=4", "--eval_iters=1", "--gradient_accumulation_steps=1", "--device=cpu",
         "--compile=False", "--learning_rate=1e-2", "--warmup_iters=0"]
@@ -40,14 +39,14 @@ def train_tiny(out_dir: Path, *args: str) -> Path:
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory) -> Path:
     """GPT-2 BPE (vocab padded to 50304), with biases and inverse-layer-index scaling."""
-    return train_tiny(tmp_path_factory.mktemp("bpe"), "--dataset=shakespeare", "--bias=True",
+    return train_tiny(tmp_path_factory.mktemp("bpe"), f"--dataset={BPE}", "--bias=True",
                       "--scale_attn_by_inverse_layer_idx=True")
 
 
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory) -> Path:
     """Character level, bias=False (train.py's default)."""
-    return train_tiny(tmp_path_factory.mktemp("char"), "--dataset=shakespeare_char")
+    return train_tiny(tmp_path_factory.mktemp("char"), f"--dataset={CHAR}")
 
 
 def randomized(config: GPTConfig) -> GPT:
@@ -90,8 +89,9 @@ def test_exported_model_computes_our_logits(bias, scale, vocab_size, bpe):
     assert_same_logits(ours, hf, tokens)
 
 
-def test_bpe_checkpoint_exports_a_loadable_model_and_tokenizer(bpe_run, tmp_path):
+def test_bpe_checkpoint_exports_a_loadable_model_and_tokenizer(bpe_run, tmp_path, capsys):
     hf_dir = export_hf.main([f"--out_dir={bpe_run}", f"--hf_dir={tmp_path / 'hf'}"])
+    assert "\r" not in capsys.readouterr().err  # no progress bar off a terminal
     assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "config.json").is_file()
     assert not (hf_dir / export_hf.CHAR_VOCAB_FILE).exists()
     config = json.loads((hf_dir / "config.json").read_text())
@@ -112,7 +112,7 @@ def test_bpe_checkpoint_exports_a_loadable_model_and_tokenizer(bpe_run, tmp_path
 
 def test_char_checkpoint_exports_the_model_and_its_vocabulary(char_run, tmp_path):
     hf_dir = export_hf.main([f"--out_dir={char_run}", f"--hf_dir={tmp_path / 'hf'}"])
-    meta = json.loads((ROOT / "data" / "shakespeare_char" / "meta.json").read_text())
+    meta = json.loads((Path(CHAR) / "meta.json").read_text())
     vocab = json.loads((hf_dir / export_hf.CHAR_VOCAB_FILE).read_text())
     assert vocab == {"tokenizer": "char", "chars": meta["chars"], "vocab_size": len(meta["chars"])}
     assert not (hf_dir / "tokenizer.json").exists()

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import TOKEN_DTYPE, atomic_path, write_meta
-from preparation import DEFAULT_NUM_PROC, local_files, output_dir, tokenize
+from preparation import DEFAULT_NUM_PROC, local_files, output_dir, quiet_datasets, tokenize
 from runtime import UserError, one_line
 from tokenizer import EOT, gpt2_encoding
 
@@ -141,7 +141,8 @@ def prepare(
         counts = {"train_tokens": 0, "train_documents": 0, "val_tokens": 0, "val_documents": 0}
         with (atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp,
               open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file,
-              tqdm(total=max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar):
+              tqdm(total=max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing",
+                   disable=not sys.stderr.isatty()) as bar):
             for ids, lengths in ordered_map(encode, text_batches(parts, text_column), num_threads):
                 written = counts["train_tokens"] + counts["val_tokens"]
                 if max_tokens:  # keep the documents up to the one that reaches max_tokens
@@ -184,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="hold out the leading documents until val has this many tokens (default: %(default)s)")
     add("--num_threads", type=int, default=DEFAULT_NUM_PROC, help="tokenizer threads (default: %(default)s)")
     args = parser.parse_args(argv)
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a read error is told once, by the error line
+    restore = quiet_datasets()
     try:
         if args.data_files and args.out_dir is None:
             raise UserError(f"--data_files needs --out_dir (the default {HERE} is for FineWeb-Edu itself); "
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        datasets.logging.set_verbosity(verbosity)
+        restore()
     print(f"{meta['source']}: train {meta['train_tokens']:,} tokens ({meta['train_documents']:,} documents), "
           f"val {meta['val_tokens']:,} tokens ({meta['val_documents']:,} documents) -> {args.out_dir or HERE}")
     return meta

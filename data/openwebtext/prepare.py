@@ -47,7 +47,7 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
 from dataset import TOKEN_DTYPE, atomic_path, write_meta
-from preparation import DEFAULT_NUM_PROC, local_files, output_dir, tokenize
+from preparation import DEFAULT_NUM_PROC, local_files, output_dir, quiet_datasets, tokenize
 from runtime import UserError, one_line
 from tokenizer import gpt2_encoding
 
@@ -143,7 +143,7 @@ def readable_files(files: list[str], loader: str, text_column: str, skip_bad_fil
             raise UserError(bad_file_message(empty, "is empty (0 bytes)"))
         return files
     good = []
-    for f in tqdm(files, desc="checking files", disable=None):
+    for f in tqdm(files, desc="checking files", disable=not sys.stderr.isatty()):
         problem = file_problem(f, loader, text_column)
         if problem:
             print(f"warning: skipping {f}, which {problem}", file=sys.stderr)
@@ -226,7 +226,7 @@ def write_ids(dset: datasets.Dataset, path: Path, shards: int, name: str) -> int
     shards = min(shards, len(dset))  # an empty shard would have nothing to concatenate
     arr = np.memmap(path, dtype=TOKEN_DTYPE, mode="w+", shape=(n_tokens,))
     idx = 0
-    for i in tqdm(range(shards), desc=f"writing {name}"):
+    for i in tqdm(range(shards), desc=f"writing {name}", disable=not sys.stderr.isatty()):
         shard = dset.shard(num_shards=shards, index=i, contiguous=True).with_format("arrow")
         # Arrow keeps the stored uint16 (the numpy format would widen it to int64).
         ids = pc.list_flatten(shard[:]["ids"]).to_numpy()
@@ -330,8 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("--shards", type=int, default=1024, help="write in this many batches (default: %(default)s)")
     add("--cache_dir", type=Path, help="Hugging Face datasets cache (default: its usual location)")
     args = parser.parse_args(argv)
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a read error is told once, by the error line
+    restore = quiet_datasets()
     try:
         if args.data_files and args.dataset:
             raise UserError("give --dataset or --data_files, not both")
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        datasets.logging.set_verbosity(verbosity)
+        restore()
     print(
         f"{meta['source']}: train {meta['train_tokens']:,} tokens ({meta['train_documents']:,} documents), "
         f"val {meta['val_tokens']:,} tokens ({meta['val_documents']:,} documents) -> {out_dir}"
