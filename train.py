@@ -29,7 +29,7 @@ import configurator
 from checkpoint import (all_finite, checkpoints, full_state_dicts, load_full_optimizer_state, load_latest_checkpoint,
                         model_to_train, remove_partial_saves, rng_state, save_checkpoint, set_aside_damaged,
                         set_rng_state)
-from dataset import Batches, check_split, dataset_meta, estimate_loss, prepare_dataset, read_split
+from dataset import EMBEDDED_DATASETS, Batches, check_split, dataset_meta, estimate_loss, prepare_dataset, read_split
 from metrics import MetricsLog, StepWindow, init_wandb
 from model import GPT, peak_flops
 from runtime import device_type as runtime_device_type
@@ -55,7 +55,7 @@ wandb_log = False  # log to Weights & Biases (offline mode when no API key is se
 wandb_project = "sophia"  # wandb project name
 wandb_run_name = "gpt2"  # wandb run name
 # data
-dataset = "openwebtext"  # folder under data/ holding train.bin, val.bin, meta.json (or llm.c token shards)
+dataset = "openwebtext"  # folder under data/ (or an absolute path) holding train.bin, val.bin, meta.json or llm.c shards
 gradient_accumulation_steps = 40  # micro-steps per step over ALL ranks (divided by the world size)
 batch_size = 12  # sequences per micro-step per rank
 block_size = 1024  # context length in tokens
@@ -458,10 +458,11 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
                         "the gradients, so ranks could disagree on skipping a step; use --dtype=bfloat16")
 
     data_dir = ROOT / "data" / cfg.dataset
-    if not data_dir.is_dir():
-        datasets = sorted(p.name for p in data_dir.parent.iterdir()
+    if not data_dir.is_dir() and data_dir.name not in EMBEDDED_DATASETS:
+        datasets = sorted(p.name for p in (ROOT / "data").iterdir()
                           if p.is_dir() and p.name[0] not in "_." and p.name != "gpt2")
-        raise UserError(f"dataset {cfg.dataset!r} not found: no folder {data_dir}; choose one of {', '.join(datasets)}")
+        raise UserError(f"dataset {cfg.dataset!r} not found: no folder {data_dir}; choose one of {', '.join(datasets)} "
+                        "or give a dataset folder's absolute path")
     if master:
         prepare_dataset(data_dir)
     if dist.is_initialized():

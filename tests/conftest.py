@@ -1,7 +1,18 @@
 """Shared test setup."""
 
+import shutil
+
 import pytest
 import torch
+
+from tests.helpers import DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def test_data_folder():
+    """The session's prepared datasets (tests.helpers.DATA) go when the session ends."""
+    yield
+    shutil.rmtree(DATA, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

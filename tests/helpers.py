@@ -1,8 +1,19 @@
 """Helpers several test files share."""
 
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+# The embedded Shakespeare datasets, prepared on first use into a folder of this test session
+# (train.py takes a dataset folder's path as well as a name under data/), so the suite writes
+# nothing into the checkout. Subprocesses inherit the folder through the environment;
+# tests/conftest.py removes it at the end.
+DATA = Path(os.environ.setdefault("SOPHIA_GPT_TEST_DATA", tempfile.mkdtemp(prefix="sophia-gpt-test-data-")))
+CHAR = str(DATA / "shakespeare_char")
+BPE = str(DATA / "shakespeare")
 
 
 def expect_one_line_error(capsys, main: Callable, argv: list[str], *fragments: str) -> str:

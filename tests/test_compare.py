@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import BPE, CHAR
 from scripts import ablations, compare, compare_plan, compare_report, compare_run, downstream_scores, plot_compare, significance, toy_landscape
 
 BASE = str(ROOT / "config" / "train_shakespeare_char.py")
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+TINY = [f"--dataset={CHAR}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--eval_interval=5", "--log_interval=5", "--hess_batch_size=2", "--hess_interval=2"]
 PLOTS = ("val_loss.png", "lr_sweep.png", "sophia_stats.png", "grad_clip.png")
 HELLASWAG = ROOT / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.jsonl"
@@ -513,7 +514,7 @@ def bpe_checkpoint(tmp_path_factory) -> Path:
     from tests.test_eval_downstream import TINY as TINY_EVAL
     out_dir = tmp_path_factory.mktemp("bpe")
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main([*TINY_EVAL, "--dataset=shakespeare", f"--out_dir={out_dir}"])
+        train.main([*TINY_EVAL, f"--dataset={BPE}", f"--out_dir={out_dir}"])
     return next(out_dir.glob("ckpt_*.pt"))
 
 
@@ -524,7 +525,7 @@ def test_downstream_scores_of_finished_runs_are_cached_in_each_run(tmp_path, cap
     from scripts import eval_downstream, eval_hellaswag
     runs_dir = tmp_path / "runs"
     argv = [BASE, "--optimizers", "adamw,sophiag", "--steps", "10", "--lr_grid", "1", "--seeds", "1",
-            "--runs_dir", str(runs_dir), "--hess_batch_size=6", "--dataset=shakespeare", "--eval_device=cpu",
+            "--runs_dir", str(runs_dir), "--hess_batch_size=6", f"--dataset={BPE}", "--eval_device=cpu",
             "--hellaswag", str(HELLASWAG), "--hellaswag_limit", "3",
             "--superglue", str(SUPERGLUE), "--superglue_tasks", "rte,copa", "--superglue_limit", "2"]
     _, runs = compare_plan.plan(*compare.parse_args(argv))
@@ -699,7 +700,7 @@ def test_variant_configs_are_found_by_family(tmp_path):
 
 def test_toy_landscape_figure(tmp_path, capsys):
     out = tmp_path / "toy.png"
-    finals = toy_landscape.main(["--out", str(out)])
+    finals = toy_landscape.main([f"--output={out}"])
     assert out.stat().st_size > 10_000
     t1, t2, loss = finals["Sophia"]
     assert abs(t1 - 1) < 1e-2 and abs(t2 - 4) < 1e-2 and loss < 1e-3

@@ -33,13 +33,14 @@ import torch
 import train
 from checkpoint import checkpoints
 from tests.distributed_worker import free_port
+from tests.helpers import CHAR
 
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TINY = [
-    "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+    f"--dataset={CHAR}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
     "--batch_size=4", "--gradient_accumulation_steps=2", "--device=cpu", "--dtype=float32", "--compile=False",
     "--max_iters=12", "--eval_interval=6", "--eval_iters=3", "--log_interval=3", "--warmup_iters=2",
     "--lr_decay_iters=12", "--learning_rate=3e-3", "--min_lr=3e-4", "--hess_interval=3", "--hess_batch_size=8",

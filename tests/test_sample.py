@@ -13,7 +13,7 @@ import torch
 
 import sample
 import train
-from tests.helpers import expect_one_line_error
+from tests.helpers import BPE, CHAR, expect_one_line_error
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
         "--eval_interval=4", "--eval_iters=1", "--gradient_accumulation_steps=1", "--device=cpu",
@@ -27,12 +27,12 @@ def train_tiny(out_dir: Path, dataset: str) -> Path:
 
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory) -> Path:
-    return train_tiny(tmp_path_factory.mktemp("char"), "shakespeare_char")
+    return train_tiny(tmp_path_factory.mktemp("char"), CHAR)
 
 
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory) -> Path:
-    return train_tiny(tmp_path_factory.mktemp("bpe"), "shakespeare")
+    return train_tiny(tmp_path_factory.mktemp("bpe"), BPE)
 
 
 def run_sample(out_dir: Path, *args: str) -> tuple[list[str], str]:

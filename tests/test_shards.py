@@ -4,12 +4,13 @@ sampler guarantees of train.bin (windows inside one shard, data order independen
 world size, bitwise resume), a .bin dataset samples exactly as before, and every bad shard
 is refused with one line naming it.
 
-The shards are small ones the tests write under data/_test_<random>/ (test_train's
+The shards are small ones the tests write into a temporary dataset folder (test_train's
 make_dataset fixture), GPT-2 ids by definition: the model has the padded vocabulary 50304.
 """
 
 import contextlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import dataset
 import train
 from dataset import Batches, Split, read_split, write_shard
 from tests.helpers import expect_one_line_error
-from tests.test_train import (ROOT, TINY, TWENTY_STEPS, assert_same_tensors, load_ckpt, make_dataset,  # noqa: F401
+from tests.test_train import (TINY, TWENTY_STEPS, assert_same_tensors, load_ckpt, make_dataset,  # noqa: F401
                               run_train)
 
 BLOCK = 32  # TINY's block_size
@@ -37,7 +38,7 @@ def tokens(n: int, seed: int) -> np.ndarray:
 def shard_folder(make_dataset, train: list, val: list, prefix: str = "fineweb", **extra) -> str:  # noqa: F811
     """A dataset of shards named as llm.c's FineWeb downloads: val 000000, train 000001, ..."""
     name = make_dataset(**extra)
-    folder = ROOT / "data" / name
+    folder = Path(name)
     for i, ids in enumerate(val):
         write_shard(folder / f"{prefix}_val_{i:06d}.bin", ids)
     for i, ids in enumerate(train, start=1):
@@ -228,9 +229,10 @@ def test_a_bad_shard_dataset_is_refused_with_one_line_naming_the_file(
 
 
 def test_a_folder_with_neither_bins_nor_shards_names_both_ways(capsys, tmp_path, make_dataset):  # noqa: F811
-    name = make_dataset(prepare_script=True)
+    name = make_dataset(name="fineweb_edu")
     expect_one_line_error(capsys, train.main, [*TINY, f"--dataset={name}", f"--out_dir={tmp_path}"],
-                          "train.bin not found", f"python -m data.{name}.prepare", "or put llm.c token shards")
+                          "holds no token files", f"python -m data.fineweb_edu.prepare --out_dir={name}",
+                          "or put llm.c token shards")
 
 
 def test_meta_json_token_counts_are_checked_against_the_shards(capsys, tmp_path, make_dataset):  # noqa: F811

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +25,13 @@ import torch
 
 import train
 from checkpoint import checkpoints
-from tests.helpers import expect_one_line_error
+from tests.helpers import BPE, CHAR, expect_one_line_error
 from tests.distributed_worker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAR_VOCAB = 84  # shakespeare_char's vocabulary size (meta.json)
 TINY = [
-    "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+    f"--dataset={CHAR}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
     "--batch_size=4", "--gradient_accumulation_steps=1", "--compile=False", "--device=cpu", "--dtype=auto",
     "--eval_iters=5", "--log_interval=5", "--warmup_iters=4", "--learning_rate=3e-3", "--min_lr=3e-4",
     "--hess_batch_size=4", "--hess_interval=3", "--wandb_log=False",
@@ -336,19 +335,14 @@ def out_dir(previous_run, tmp_path) -> Path:
 
 
 @pytest.fixture
-def make_dataset():
-    """Create data/_test_<random>/ with the given token files and meta.json; removed afterwards.
+def make_dataset(tmp_path_factory):
+    """A dataset folder `name` in a temporary folder, with the given token files and meta.json;
+    returns its path, which train.py takes for --dataset as it takes a name under data/."""
 
-    train.py resolves --dataset under the repository's data/ folder, so fixture datasets
-    have to live there for the duration of a test."""
-    created: list[Path] = []
-
-    def make(train_ids=None, val_ids=None, meta: dict | None = None, prepare_script: bool = False,
-             raw: dict[str, bytes] | None = None) -> str:
-        name = f"_test_{uuid.uuid4().hex[:12]}"
-        folder = ROOT / "data" / name
+    def make(train_ids=None, val_ids=None, meta: dict | None = None, raw: dict[str, bytes] | None = None,
+             name: str = "dataset") -> str:
+        folder = tmp_path_factory.mktemp("data") / name
         folder.mkdir()
-        created.append(folder)
         for split, ids in (("train", train_ids), ("val", val_ids)):
             if ids is not None:
                 np.asarray(ids, dtype=np.uint16).tofile(folder / f"{split}.bin")
@@ -356,13 +350,9 @@ def make_dataset():
             (folder / filename).write_bytes(content)
         if meta is not None:
             (folder / "meta.json").write_text(json.dumps(meta))
-        if prepare_script:
-            (folder / "prepare.py").write_text("# writes train.bin and val.bin\n")
-        return name
+        return str(folder)
 
-    yield make
-    for folder in created:
-        shutil.rmtree(folder, ignore_errors=True)
+    return make
 
 
 CHAR_META = {"tokenizer": "char", "vocab_size": CHAR_VOCAB, "chars": "".join(chr(33 + i) for i in range(CHAR_VOCAB))}
@@ -463,12 +453,12 @@ def test_a_new_run_into_the_out_dir_of_another_is_refused(capsys, out_dir):
 
 
 def test_resume_on_another_dataset_is_refused(capsys, out_dir):
-    expect_user_error(capsys, out_dir, ["--init_from=resume", "--dataset=shakespeare"],
-                      "trained on dataset 'shakespeare_char', not 'shakespeare'", "--dataset=shakespeare_char")
+    expect_user_error(capsys, out_dir, ["--init_from=resume", f"--dataset={BPE}"],
+                      f"trained on dataset {CHAR!r}, not {BPE!r}", f"--dataset={CHAR}")
 
 
 def test_gpt2_init_fine_tunes_openai_weights_on_a_bpe_dataset(tmp_path, gpt2_hub):
-    run = run_train(tmp_path, "--init_from=gpt2", "--dataset=shakespeare", "--max_iters=2", "--eval_interval=2")
+    run = run_train(tmp_path, "--init_from=gpt2", f"--dataset={BPE}", "--max_iters=2", "--eval_interval=2")
     ckpt = load_ckpt(tmp_path)
     assert ckpt["model_args"]["n_embd"] == 8 and ckpt["model_args"]["vocab_size"] == 50257
     assert ckpt["model_args"]["block_size"] == 32, "cropped to the config's block_size"
@@ -500,16 +490,27 @@ def test_unwritable_out_dir_is_refused(capsys, tmp_path):
     assert blocker.read_text() == "keep me"
 
 
-def test_missing_train_bin_names_the_prepare_script_to_run(capsys, out_dir, make_dataset):
-    name = make_dataset(meta=CHAR_META, prepare_script=True)
-    err = expect_user_error(capsys, out_dir, [f"--dataset={name}"], "train.bin not found", f"python -m data.{name}.prepare")
-    assert "no such script" not in err
+def test_a_folder_without_token_files_names_the_preparation_that_makes_them(capsys, out_dir, make_dataset):
+    folder = make_dataset(name="openwebtext")
+    err = expect_user_error(capsys, out_dir, [f"--dataset={folder}"], f"{folder} holds no token files",
+                            f"`python -m data.openwebtext.prepare --out_dir={folder}`", "or put llm.c token shards")
+    assert "fineweb_edu" not in err
+
+
+def test_a_folder_of_another_name_gets_both_preparations_and_no_script_to_write(capsys, out_dir, make_dataset):
+    """As a failed FineWeb-Edu preparation into data/my_corpus leaves it: empty."""
+    folder = make_dataset(name="my_corpus")
+    err = expect_user_error(capsys, out_dir, [f"--dataset={folder}"], f"{folder} holds no token files",
+                            f"python -m data.openwebtext.prepare --data_files=GLOB --out_dir={folder}",
+                            f"python -m data.fineweb_edu.prepare --out_dir={folder}")
+    assert "create" not in err and "prepare.py" not in err
 
 
 def test_missing_val_bin_is_named(capsys, out_dir, make_dataset):
-    name = make_dataset(train_ids=char_ids(), meta=CHAR_META)
-    err = expect_user_error(capsys, out_dir, [f"--dataset={name}"], f"{name}/val.bin not found", "prepare.py")
-    assert "train.bin" not in err
+    folder = make_dataset(train_ids=char_ids(), meta=CHAR_META)
+    err = expect_user_error(capsys, out_dir, [f"--dataset={folder}"], f"{folder}/val.bin not found",
+                            "the preparation that wrote train.bin did not finish")
+    assert "create" not in err
 
 
 @pytest.mark.parametrize("bad_id", [CHAR_VOCAB, 60000])
