@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from scripts import compare
+from tests.helpers import CHAR
 
 needs_slurm = pytest.mark.skipif(shutil.which("sbatch") is None,
                                  reason="needs a SLURM cluster (sbatch not found): scripts/ci/start_slurm.sh starts one")
@@ -30,7 +31,7 @@ needs_slurm = pytest.mark.skipif(shutil.which("sbatch") is None,
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "config" / "train_shakespeare_char.py")
 STEPS = 1000  # long enough (about 10 s) to stop it mid-run
-SWEEP = [BASE, "--optimizers", "adamw", "--steps", str(STEPS), "--lr_grid", "1", "--seeds", "1,2",
+SWEEP = [BASE, "--optimizers", "adamw", "--steps", str(STEPS), "--lr_grid", "1", "--seeds", "1,2", f"--dataset={CHAR}",
          "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
          "--eval_interval=250", "--log_interval=50"]
 SLURM = ["--launcher", "slurm", "--cpus_per_task", "1", "--poll_s", "1"]
