@@ -6,7 +6,7 @@ the default step (sophia.FD_EPSILON) was chosen from.
     python -m scripts.bench_hvp --models quick --refreshes 3   # a quick look
 
 Models: "quick", the quick start's (config/train_shakespeare_char.py: 4 layers x 128, block 64),
-first trained --train-steps AdamW steps on shakespeare_char so its Hessian is that of a model
+first trained --train_steps AdamW steps on shakespeare_char so its Hessian is that of a model
 in training, estimated on 6 sequences (the quick start's hess_batch_size); "gpt2", GPT-2-small
 shapes (12 layers x 768, vocabulary 50304) with a short block (64) at initialisation, on 2
 sequences of the same data. Per refresh, u ~ N(0, I) is drawn and H u computed exactly in
@@ -161,10 +161,10 @@ def main() -> None:
     parser.add_argument("--abs", default="1e-2,3e-3,1e-3,3e-4,1e-4,1e-5", help="absolute steps")
     parser.add_argument("--rel", default="3e-1,1e-1,3e-2,1e-2,1e-3,1e-4", help="steps relative to each tensor's RMS")
     parser.add_argument("--refreshes", type=int, default=10)
-    parser.add_argument("--train-steps", type=int, default=300, help="AdamW steps before measuring (quick model)")
+    parser.add_argument("--train_steps", type=int, default=300, help="AdamW steps before measuring (quick model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     args = parser.parse_args()
     args.methods = args.methods.split(",")
     args.abs, args.rel = ([float(v) for v in s.split(",") if v] for s in (args.abs, args.rel))
@@ -173,8 +173,8 @@ def main() -> None:
     text = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
             f"{args.refreshes} refreshes\n\n{markdown(table)}\n")
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    if args.output:
+        args.output.write_text(text)
 
 
 if __name__ == "__main__":

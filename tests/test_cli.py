@@ -20,9 +20,9 @@ from tests.test_data import no_network, owt_documents, write_jsonl  # noqa: F401
 from tests.test_fineweb import make_documents, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGPARSE_ENTRY_POINTS = ["scripts.ablations", "scripts.bench_gnb_memory", "scripts.bench_optimizer",
-                         "scripts.compare", "scripts.plot_compare", "scripts.plot_runs", "scripts.toy_landscape",
-                         "data.openwebtext.prepare", "data.fineweb_edu.prepare"]
+ARGPARSE_ENTRY_POINTS = sorted(  # the commands that parse with argparse (the others are train.py's configurator)
+    ".".join(p.relative_to(ROOT).with_suffix("").parts) for p in [*ROOT.glob("scripts/*.py"), *ROOT.glob("data/*/*.py")]
+    if "ArgumentParser(" in (text := p.read_text()) and "\ndef main(" in text)
 
 
 def help_text(module: str, monkeypatch, capsys) -> str:
