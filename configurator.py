@@ -1,13 +1,13 @@
 """Command-line configuration, nanoGPT style, with errors that say what to fix.
 
-The defaults are plain module-level values in train.py. Then, in order:
+The defaults are plain module-level values (train.py's in settings.py). Then, in order:
     python train.py config/some_config.py --batch_size=32 --compile=False
 a bare argument is a Python file executed to override defaults, and `--key=value`
 overrides one key, the value parsed with `ast.literal_eval` (a bare word is a string).
 A config file can start from another with `include("other.py")` (path relative to it).
 An unknown key is an error naming the closest known keys; a value of another type than
 the default's (except int for float) is an error naming the key and both types.
-`--help` prints every key with its default and the comment from its line in train.py.
+`--help` prints every key with its default and the comment from its line.
 """
 
 import ast
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime import UserError
+from errors import UserError
 
 CONFIG_TYPES = (bool, int, float, str, tuple, type(None))
 
@@ -30,22 +30,21 @@ def config_keys(namespace: dict[str, Any]) -> list[str]:
             if not k.startswith("_") and k.islower() and isinstance(v, CONFIG_TYPES)]
 
 
-def read_literals(source_file: str | Path) -> dict[str, Any]:
-    """The top-level `NAME = literal` assignments of a Python file, read without importing it."""
+def read_defaults(source_file: str | Path) -> dict[str, Any]:
+    """The settings a module declares as top-level `key = literal  # meaning` lines, in file
+    order. A public lower-case assignment whose value is not a literal raises ValueError: it
+    would be a default that neither a reader nor --help sees as written."""
     values = {}
     for node in ast.parse(Path(source_file).read_text()).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                values[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
+            name = node.targets[0].id
+            if name.startswith("_") or not name.islower():
                 continue
-    return values
-
-
-def read_defaults(source_file: str | Path) -> dict[str, Any]:
-    """The settings a script declares as top-level `key = literal  # meaning` lines (train.py's
-    defaults), in file order; scripts/compare.py plans train.py's runs from them."""
-    values = read_literals(source_file)
+            try:
+                values[name] = ast.literal_eval(node.value)
+            except ValueError:
+                raise ValueError(f"{source_file}:{node.lineno}: the default {name} = {ast.unparse(node.value)} is "
+                                 f"not a literal; write its value") from None
     return {k: values[k] for k in config_keys(values)}
 
 
@@ -132,10 +131,11 @@ def apply_config_file(path: str, config: dict[str, Any], origins: dict[str, str]
         config[key] = value
 
 
-def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | None = None
-          ) -> dict[str, Any]:
+def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | None = None,
+          command: str | None = None) -> dict[str, Any]:
     """Apply config files and `--key=value` overrides in `argv` to a copy of `defaults`.
-    --help prints every key's effective value (after all of argv) and where it came from."""
+    --help prints every key's effective value (after all of argv), where it came from and its
+    meaning from `help_source`; `command` (default: the one that runs help_source) opens it."""
     config, origins = dict(defaults), {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -152,7 +152,7 @@ def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | N
         origins[key] = "command line"
     if "-h" in argv or "--help" in argv:
         try:
-            print_help(config, origins, help_source)
+            print_help(config, origins, help_source, command)
             sys.stdout.flush()
         except BrokenPipeError:  # `--help | head`: the reader has all it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
@@ -160,12 +160,14 @@ def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | N
     return config
 
 
-def print_help(config: dict[str, Any], origins: dict[str, str], help_source: str | Path | None) -> None:
+def print_help(config: dict[str, Any], origins: dict[str, str], help_source: str | Path | None,
+               command: str | None = None) -> None:
     """Every key with its value, where the value came from (when not the default) and its meaning."""
     meanings = key_help(help_source) if help_source else {}
-    source = Path(help_source) if help_source else Path("train.py")
-    # scripts/ are modules of the repository: run as `python -m scripts.NAME` from its root.
-    command = f"python -m scripts.{source.stem}" if source.parent.name == "scripts" else f"python {source.name}"
+    if command is None:
+        source = Path(help_source) if help_source else Path("train.py")
+        # scripts/ are modules of the repository: run as `python -m scripts.NAME` from its root.
+        command = f"python -m scripts.{source.stem}" if source.parent.name == "scripts" else f"python {source.name}"
     print(f"usage: {command} [config/FILE.py ...] [--key=value ...]\n")
     width = max(len(k) for k in config)
     for key, value in config.items():

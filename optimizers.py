@@ -1,109 +1,114 @@
-"""The baselines beside Sophia, made to skip a step on the device: Lion (lion_pytorch) and
-Muon (torch.optim.Muon for the hidden matrices, AdamW for the rest).
+"""The optimizers a run can choose (optimizer_name): one registry entry each, saying how it is
+built, which Hessian estimator it calls (Sophia) and whether FSDP2 can shard it.
 
-train.py skips a step whose loss or gradient is not finite without waiting for the device:
-it sets `optimizer.found_inf` (a 0-dim tensor, nonzero to skip) and calls step(), the
-protocol of torch's fused AdamW. These wrappers read the flag; `reads_found_inf` says so.
-train.py imports this module only for these optimizers (lion_pytorch is needed for Lion only).
+Adding an optimizer is one `register(Entry(...))` here and a config file in config/. Its
+builder takes the run's config, the model and the device type and returns the optimizer with
+`reads_found_inf` set: whether that object reads `optimizer.found_inf` (a 0-dim tensor,
+nonzero to skip) in step(), the protocol of torch's fused AdamW, so the loop skips a
+non-finite step without waiting for the device; False makes the loop decide on the host.
+
+Importing this module imports no torch (settings.py checks a run's config against the
+entries; scripts plan runs without torch); each builder imports what it builds.
 """
 
-import torch
-from lion_pytorch import Lion
-from lion_pytorch.lion_pytorch import update_fn as lion_update
-from torch.optim._muon import muon as muon_update  # torch's functional Muon update (no public alias)
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from model import GPT
+
+# Sophia's diagonal pre-conditioners (paper Fig. 7b): GNB (Sophia-G), Hutchinson (Sophia-H),
+# and for ablations the empirical Fisher (GNB with the data's labels instead of sampled ones)
+# and AdaHessian's (the square root of an EMA of squared Hutchinson estimates).
+ESTIMATORS = ("gnb", "hutchinson", "empirical_fisher", "adahessian")
+SECOND_ORDER = ("hutchinson", "adahessian")  # need a Hessian-vector product (double backward)
+SOPHIA_IMPLEMENTATIONS = ("foreach", "compiled")  # sophia.IMPLEMENTATIONS, named here without importing torch
 
 
-def skip_flag(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-    """The optimizer's found_inf as a boolean tensor, or None when the loop set none."""
-    flag = getattr(optimizer, "found_inf", None)
-    return flag != 0 if isinstance(flag, torch.Tensor) else None
+@dataclass(frozen=True)
+class Entry:
+    """One optimizer of the registry."""
+    name: str  # its optimizer_name
+    build: Callable[[Any, GPT, str], torch.optim.Optimizer]  # (cfg, model, device_type) -> optimizer
+    estimator: str | None = None  # the Hessian estimator it calls every hess_interval steps (Sophia); None: none
+    fsdp_refusal: str | None = None  # why FSDP2 cannot shard it, on one line; None: it can
 
 
-def keep_unless_skipped(skip: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Each (tensor, its updated copy): take the copy, unless the step is skipped. A select on
-    the device, never a branch on the host."""
-    for old, new in pairs:
-        old.copy_(torch.where(skip, old, new))
+REGISTRY: dict[str, Entry] = {}
 
 
-class SkippableLion(Lion):
-    """lion_pytorch's Lion, whose update leaves p and m as they were where `found_inf` is set
-    (the protocol of torch's fused AdamW and of Sophia): a skipped step needs no host sync.
-    The update is lion_pytorch's own, run on copies, so an applied step is bitwise Lion's."""
-
-    reads_found_inf = True
-
-    def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
-        self.update_fn = self._update
-
-    def _update(self, p, grad, exp_avg, lr, wd, beta1, beta2) -> None:
-        skip = skip_flag(self)
-        if skip is None:  # no flag: Lion's own in-place update, no copies
-            lion_update(p, grad, exp_avg, lr, wd, beta1, beta2)
-            return
-        new_p, new_m = p.detach().clone(), exp_avg.clone()
-        lion_update(new_p, grad, new_m, lr, wd, beta1, beta2)
-        keep_unless_skipped(skip, [(p, new_p), (exp_avg, new_m)])
+def register(entry: Entry) -> Entry:
+    REGISTRY[entry.name] = entry
+    return entry
 
 
-class MuonAdamW(torch.optim.Optimizer):
-    """Muon for the transformer blocks' 2-D matrices (torch.optim.Muon's update), AdamW for
-    the rest (embeddings and the tied head, LayerNorm gains, biases; torch's docs say Muon is
-    for hidden matrices only), as one optimizer: one state_dict, one list of param groups
-    (the loop sets every group's lr), one found_inf. Muon's LR is adjusted with
-    "match_rms_adamw" (Moonshot: 0.2 sqrt(max(A, B)) x lr), so one peak LR and one decoupled
-    weight decay drive both parts."""
-
-    reads_found_inf = True
-
-    def __init__(self, hidden: list[torch.Tensor], groups: list[dict], lr: float, weight_decay: float,
-                 betas: tuple[float, float], momentum: float, fused: bool):
-        """`hidden`: the matrices for Muon; `groups`: every parameter's param groups (the hidden
-        matrices are taken out of them for AdamW)."""
-        ids = {id(p) for p in hidden}
-        rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
-        self.muon = SkippableMuon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                  adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW(rest, lr=lr, betas=betas, fused=fused)
-        super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
-        self._share()
-
-    def _share(self) -> None:
-        """The parts use this optimizer's group dicts and state (load_state_dict replaces both)."""
-        n = len(self.muon.param_groups)
-        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
-        self.muon.state = self.adamw.state = self.state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._share()
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for part in (self.muon, self.adamw):
-            if skip_flag(self) is not None:
-                part.found_inf = self.found_inf
-            part.step()
+def fusable(device_type: str) -> bool:
+    """Whether torch has fused AdamW kernels for this device type (the only AdamW that reads found_inf)."""
+    return device_type in ("cuda", "cpu")
 
 
-class SkippableMuon(torch.optim.Muon):
-    """torch.optim.Muon whose update leaves p and its momentum as they were where `found_inf`
-    is set, as SkippableLion does: torch's own update, run tensor by tensor on copies."""
+def build(cfg: Any, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    """The run's optimizer over the model's parameter groups, from its registry entry."""
+    optimizer = REGISTRY[cfg.optimizer_name].build(cfg, model, device_type)
+    if not isinstance(getattr(optimizer, "reads_found_inf", None), bool):
+        raise TypeError(f"the builder of optimizer {cfg.optimizer_name!r} must set reads_found_inf (True or False) "
+                        f"on the optimizer it returns")
+    return optimizer
 
-    reads_found_inf = True
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        skip = skip_flag(self)
-        if skip is None:  # no flag: torch's own step, no copies
-            return super().step(closure)
-        for group in self.param_groups:
-            params, grads, bufs = [], [], []
-            self._init_group(group, params, grads, bufs)
-            options = {k: group[k] for k in ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
-                                             "ns_steps", "adjust_lr_fn")}
-            for p, grad, buf in zip(params, grads, bufs):
-                new_p, new_buf = p.detach().clone(), buf.clone()
-                muon_update([new_p], [grad], [new_buf], has_complex=False, **options)
-                keep_unless_skipped(skip, [(p, new_p), (buf, new_buf)])
+def build_adamw(cfg: Any, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    import torch
+    fused = fusable(device_type)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), fused=fused)
+    optimizer.reads_found_inf = fused
+    return optimizer
+
+
+def build_lion(cfg: Any, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    from baselines import SkippableLion
+    return SkippableLion(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def build_muon(cfg: Any, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    from baselines import MuonAdamW
+    from errors import UserError
+    hidden = [p for block in model.transformer.h for p in block.parameters() if p.dim() == 2]
+    if not hidden:
+        raise UserError("optimizer_name='muon' needs 2-D hidden matrices and this model has none; use n_layer >= 1")
+    return MuonAdamW(hidden, model.param_groups(cfg.weight_decay), cfg.learning_rate, cfg.weight_decay,
+                     (cfg.beta1, cfg.beta2), cfg.muon_momentum, fused=fusable(device_type))
+
+
+def build_sophia(cfg: Any, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    import sophia
+    cls = sophia.SophiaG if cfg.optimizer_name == "sophiag" else sophia.SophiaH
+    impl = cfg.optimizer_impl
+    if impl == "auto":  # compile=False asks for no compilation: of the update neither
+        impl = "compiled" if cfg.compile else "foreach"
+    # The win rate is sampled on the step before each log line: counting costs an extra read of m and h.
+    optimizer = cls(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                    rho=cfg.rho, impl=impl, stats_every=cfg.log_interval, clip=cfg.sophia_clip,
+                    sqrt_hessian=estimator_of(cfg) == "adahessian")
+    optimizer.reads_found_inf = True  # on every device: its update selects on the flag
+    return optimizer
+
+
+def estimator_of(cfg: Any) -> str | None:
+    """The Hessian estimator a run calls: hess_estimator, or its optimizer's own for 'auto'; None: none."""
+    if cfg.hess_estimator == "auto":
+        return REGISTRY[cfg.optimizer_name].estimator
+    return cfg.hess_estimator
+
+
+register(Entry("adamw", build_adamw))
+register(Entry("lion", build_lion))
+register(Entry("sophiag", build_sophia, estimator="gnb"))
+register(Entry("sophiah", build_sophia, estimator="hutchinson"))
+register(Entry("muon", build_muon, fsdp_refusal="its Newton-Schulz step needs each whole matrix, which FSDP2 "
+                                                "splits over ranks"))

@@ -1,4 +1,4 @@
-"""What the entry points share: one-line user errors, comma-list options, paths as the
+"""What the entry points share: comma-list options, paths as the
 subprocesses they start in the repository get them, device and dtype choice, output folders,
 and the process plumbing of distributed runs (gradient sync, FSDP2 sharding, stop requests).
 
@@ -8,29 +8,21 @@ train.py, sample.py and the scripts import this; none of it is configuration.
 import contextlib
 import errno
 import fcntl
-import functools
 import os
 import shutil
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from errors import NO_SPACE, UserError, exit_on_user_error, first_rank, one_line  # noqa: F401 (importers of runtime)
+
 ROOT = Path(__file__).resolve().parent  # the repository: data/, config/ and the entry points
-
-F = TypeVar("F", bound=Callable)
-
-
-class UserError(Exception):
-    """A mistake the user can fix; the message names the problem and the fix. Entry points
-    print it as one line and exit with status 2 instead of showing a traceback."""
 
 
 def comma_list(text: str, kind: type, what: str) -> list:
@@ -51,42 +43,6 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def one_line(message: str) -> str:
-    """The message on one line, even when it quotes a multi-line exception (e.g. torch.load's)."""
-    return " ".join(line.strip() for line in message.splitlines() if line.strip())
-
-
-def first_rank() -> bool:
-    """Rank 0 under torchrun, or a single process: read from the launcher's environment, so it
-    holds before (and without) init_process_group."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def exit_on_user_error(fn: F) -> F:
-    """Decorator for an entry point's main(): a UserError becomes one line on stderr and exit 2.
-    Under torchrun only rank 0 prints it (every rank raises the same error), and all exit 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            if first_rank():
-                print("error: " + one_line(str(e)), file=sys.stderr)
-            sys.exit(2)
-        except OSError as e:  # a full disk where no write expected it: still one line
-            if e.errno not in NO_SPACE:
-                raise
-            if first_rank():
-                print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}; free some space there or "
-                      f"choose a writable folder", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:  # a second Ctrl-C: the first one asks for a checkpoint (StopRequests)
-            print("interrupted: stopped without a checkpoint", file=sys.stderr)
-            sys.exit(130)
-    return wrapper  # type: ignore[return-value]
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a write the folder, not the program, refused
 PROBE_BYTES = 1 << 16  # what writable_dir writes: a full disk still creates empty files
 
 

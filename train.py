@@ -2,13 +2,15 @@
 
 Single process:   python train.py config/train_shakespeare_char.py --max_iters=500
 DDP, one node:    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_sophiag.py
-Every default below can be overridden by a config file or --key=value; --help lists them.
+The defaults, each with its meaning, are in settings.py; a config file or --key=value
+overrides them, and --help lists them. The optimizers are built from their entries in
+optimizers.py.
 
 Every optimizer runs through the same step (loss / accumulation steps, gradient clipping,
 LR schedule, data order); Sophia adds one call of its Hessian estimator every
 `hess_interval` steps, just before the step, on the first `hess_batch_size` sequences of
 that step's batch (paper Algorithm 3: h_t is estimated at theta_t and used at step t).
-The file reads top-down: defaults, checks, optimizers, the step, setup, the loop.
+The file reads top-down: the schedule, the estimator, the step, setup, the loop.
 """
 
 import functools
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import configurator
+import optimizers
 from checkpoint import (all_finite, checkpoints, full_state_dicts, load_full_optimizer_state, load_latest_checkpoint,
                         model_to_train, remove_partial_saves, rng_state, save_checkpoint, set_aside_damaged,
                         set_rng_state)
@@ -33,185 +35,19 @@ from dataset import EMBEDDED_DATASETS, Batches, check_split, dataset_meta, estim
 from metrics import MetricsLog, StepWindow, init_wandb
 from model import GPT, peak_flops
 from runtime import device_type as runtime_device_type
-from runtime import (ROOT, DeviceTimer, RunLock, StopRequests, UserError, autocast, exit_on_user_error, one_line, pick_device,
-                     pick_dtype, set_grad_sync, shard_model, writable_dir)
-from sophia import IMPLEMENTATIONS as _IMPLEMENTATIONS  # "_": a public tuple here would be a config key
-from sophia import Sophia, SophiaG, SophiaH, gnb_hessian, hutchinson_hessian
-
-# ----------------------------------------------------------------------------- defaults
-# GPT-2 small (124M) on OpenWebText with AdamW, batch 480 x 1024 tokens (paper Table 2).
-# I/O
-out_dir = "out"  # checkpoints, metrics.jsonl and config.json are written here
-eval_interval = 1000  # steps between evaluations (and checkpoints)
-log_interval = 10  # steps between console log lines
-eval_iters = 200  # batches per split in each evaluation (the same batches every time)
-eval_only = False  # evaluate once and exit
-always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
-init_from = "scratch"  # 'scratch', 'resume' (latest checkpoint in out_dir), 'auto' (resume if there is one), 'gpt2*'
-keep_checkpoints = 2  # how many of the latest checkpoints (ckpt_<step>.pt) to keep in out_dir
-max_bad_steps = 20  # stop (with a checkpoint) after this many consecutive steps with a non-finite loss or gradient
-# wandb logging
-wandb_log = False  # log to Weights & Biases (offline mode when no API key is set)
-wandb_project = "sophia"  # wandb project name
-wandb_run_name = "gpt2"  # wandb run name
-# data
-dataset = "openwebtext"  # folder under data/ (or an absolute path) holding train.bin, val.bin, meta.json or llm.c shards
-gradient_accumulation_steps = 40  # micro-steps per step over ALL ranks (divided by the world size)
-batch_size = 12  # sequences per micro-step per rank
-block_size = 1024  # context length in tokens
-# model
-n_layer = 12  # transformer blocks
-n_head = 12  # attention heads
-n_embd = 768  # embedding width
-dropout = 0.0  # dropout rate (0 for pre-training)
-bias = False  # biases in Linear layers and LayerNorms
-scale_attn_by_inverse_layer_idx = False  # divide attention scores by the layer index + 1
-# optimizer
-optimizer_name = "adamw"  # 'adamw', 'lion', 'sophiag', 'sophiah' or 'muon' (hidden matrices; AdamW for the rest)
-learning_rate = 6e-4  # peak learning rate
-max_iters = 100000  # total optimizer steps
-weight_decay = 1e-1  # decoupled weight decay on matrices and embeddings
-beta1 = 0.9  # AdamW/Lion/Sophia beta1 (gradient EMA); Muon's AdamW part
-beta2 = 0.95  # AdamW beta2, Lion beta2, Sophia's Hessian EMA rate; Muon's AdamW part
-muon_momentum = 0.95  # Muon only: Nesterov momentum of its hidden matrices
-grad_clip = 1.0  # clip the gradient to this global norm (0 disables)
-rho = 0.05  # Sophia only (others ignore it): clipping scale gamma (paper: 0.05 Sophia-G, 0.01 Sophia-H)
-hess_interval = 10  # Sophia only (others ignore it): steps between Hessian estimates (k)
-hess_batch_size = 240  # Sophia only (others ignore it): sequences in each Hessian estimate, over all ranks
-optimizer_impl = "auto"  # Sophia's update: 'auto' (compiled when compile=True, else foreach), 'foreach', 'compiled'
-hess_estimator = "auto"  # Sophia's estimator: 'auto' (sophiag: 'gnb', sophiah: 'hutchinson'); ablations: 'empirical_fisher', 'adahessian'
-sophia_clip = True  # Sophia's per-coordinate clip to [-1, 1]; False only for the no-clipping ablation
-# learning rate schedule
-decay_lr = True  # linear warmup then lr_schedule's decay; False keeps learning_rate constant
-lr_schedule = "cosine"  # 'cosine' (to min_lr at lr_decay_iters) or 'wsd' (constant, then 1-sqrt decay to min_lr)
-decay_fraction = 0.2  # 'wsd' only: the decay takes this last fraction of lr_decay_iters
-warmup_iters = 2000  # steps of linear warmup
-lr_decay_iters = 100000  # step at which the schedule reaches min_lr (usually max_iters)
-min_lr = 3e-5  # final learning rate (paper: 0.05 x peak)
-# system
-device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16; float32 on CPU), or explicit
-compile = True  # torch.compile the model
-fsdp = False  # shard parameters, gradients and optimizer state over ranks (FSDP2) instead of DDP
-seed = 1337  # seeds model init, data order and the estimator's random draws
-# -----------------------------------------------------------------------------
-DEFAULTS = configurator.read_defaults(__file__)
-OPTIMIZERS = ("adamw", "lion", "sophiag", "sophiah", "muon")
-# Sophia's diagonal pre-conditioners (paper Fig. 7b): GNB (Sophia-G), Hutchinson (Sophia-H),
-# and for ablations the empirical Fisher (GNB with the data's labels instead of sampled ones)
-# and AdaHessian's (the square root of an EMA of squared Hutchinson estimates).
-ESTIMATORS = ("gnb", "hutchinson", "empirical_fisher", "adahessian")
-SECOND_ORDER = ("hutchinson", "adahessian")  # need a Hessian-vector product (double backward)
+from errors import UserError, exit_on_user_error
+from optimizers import SECOND_ORDER, estimator_of
+from runtime import ROOT, DeviceTimer, RunLock, StopRequests, autocast, pick_device, pick_dtype, set_grad_sync, shard_model, writable_dir
+from settings import Config, resolve, wsd_decay_start
+from sophia import Sophia, gnb_hessian, hutchinson_hessian
 
 
-class Config(dict):
-    """The run's settings; attribute access keeps the loop readable."""
-    __getattr__ = dict.__getitem__
-
-
-def estimator_of(cfg: Config) -> str:
-    """The estimator a Sophia run uses: hess_estimator, or the optimizer's own for 'auto'."""
-    if cfg.hess_estimator == "auto":
-        return "gnb" if cfg.optimizer_name == "sophiag" else "hutchinson"
-    return cfg.hess_estimator
-
-
-def validate(cfg: Config, world_size: int) -> None:
-    """Checks the config before anything is built or written; raises UserError."""
-    if cfg.optimizer_name not in OPTIMIZERS:
-        raise UserError(f"optimizer_name={cfg.optimizer_name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "log_interval",
-                "eval_interval", "hess_interval", "n_layer", "n_head", "n_embd"):
-        if cfg[key] <= 0:
-            raise UserError(f"{key}={cfg[key]} must be a positive integer")
-    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "rho"):
-        if cfg[key] < 0:
-            raise UserError(f"{key}={cfg[key]} must be >= 0")
-    if cfg.max_iters < 0 or cfg.warmup_iters < 0:
-        raise UserError("max_iters and warmup_iters must be >= 0")
-    for key in ("beta1", "beta2", "dropout"):
-        if not 0.0 <= cfg[key] < 1.0:
-            raise UserError(f"{key}={cfg[key]} must lie in [0, 1)")
-    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
-        raise UserError(f"min_lr={cfg.min_lr} exceeds learning_rate={cfg.learning_rate}: the schedule would rise; "
-                        f"lower --min_lr (the paper uses 0.05 x learning_rate)")
-    if cfg.lr_schedule not in ("cosine", "wsd"):
-        raise UserError(f"lr_schedule={cfg.lr_schedule!r} is unknown; choose 'cosine' or 'wsd'")
-    if not 0.0 < cfg.decay_fraction <= 1.0:
-        raise UserError(f"decay_fraction={cfg.decay_fraction} must lie in (0, 1]: the share of lr_decay_iters "
-                        f"that lr_schedule='wsd' spends decaying (0.2: the last 20%)")
-    if cfg.decay_lr and cfg.lr_schedule == "wsd" and wsd_decay_start(cfg) < cfg.warmup_iters:
-        raise UserError(f"decay_fraction={cfg.decay_fraction} starts the decay at step {wsd_decay_start(cfg)}, "
-                        f"inside warmup_iters={cfg.warmup_iters}; lower decay_fraction or warmup_iters")
-    if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
-        raise UserError(f"lr_decay_iters={cfg.lr_decay_iters} is before the end of warmup_iters={cfg.warmup_iters}; "
-                        f"set --lr_decay_iters to the run's length (usually max_iters)")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}; "
-                        f"pick n_embd as a multiple of n_head")
-    if cfg.gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
-                        f"the world size {world_size}; make it a multiple of {world_size}")
-    if cfg.optimizer_impl not in ("auto", *_IMPLEMENTATIONS):
-        raise UserError(f"optimizer_impl={cfg.optimizer_impl!r} is unknown; choose one of auto, "
-                        f"{', '.join(_IMPLEMENTATIONS)}")
-    if cfg.hess_estimator not in ("auto", *ESTIMATORS):
-        raise UserError(f"hess_estimator={cfg.hess_estimator!r} is unknown; choose one of auto, "
-                        f"{', '.join(ESTIMATORS)}")
-    sophia = cfg.optimizer_name.startswith("sophia")
-    if cfg.hess_estimator != "auto" and not sophia:
-        raise UserError(f"hess_estimator={cfg.hess_estimator!r} is for Sophia, not optimizer_name="
-                        f"{cfg.optimizer_name!r}; use --optimizer_name=sophiag or sophiah, or drop hess_estimator")
-    if cfg.fsdp and cfg.optimizer_name == "muon":
-        raise UserError("fsdp=True does not work with optimizer_name='muon': its Newton-Schulz step needs each "
-                        "whole matrix, which FSDP2 splits over ranks; use DDP (--fsdp=False)")
-    if cfg.fsdp and sophia and estimator_of(cfg) in SECOND_ORDER:
-        raise UserError(f"fsdp=True does not work with optimizer_name={cfg.optimizer_name!r} and the "
-                        f"{estimator_of(cfg)} estimator: its Hessian-vector product differentiates twice with "
-                        "respect to the parameters, which FSDP2 replaces by gathered copies during the forward; "
-                        "use --optimizer_name=sophiag, or DDP (--fsdp=False)")
-    if sophia:
-        local_accum = cfg.gradient_accumulation_steps // world_size
-        if cfg.hess_batch_size <= 0 or cfg.hess_batch_size % world_size:
-            raise UserError(f"hess_batch_size={cfg.hess_batch_size} must be a positive multiple of the "
-                            f"world size {world_size}")
-        if cfg.hess_batch_size // world_size > cfg.batch_size * local_accum:
-            raise UserError(f"hess_batch_size={cfg.hess_batch_size} exceeds the batch of one step "
-                            f"({cfg.batch_size * local_accum * world_size} sequences); lower it")
-    if cfg.init_from.startswith("gpt2") and cfg.block_size > 1024:
-        raise UserError(f"block_size={cfg.block_size} exceeds GPT-2's 1024 positions; use --block_size=1024 or less")
-    if not 0 <= cfg.seed < 2 ** 32:
-        raise UserError(f"seed={cfg.seed} is outside [0, 2**32); pick a smaller seed")
-    if not cfg.out_dir.strip():
-        raise UserError("out_dir is empty; give a folder name with --out_dir")
-    if cfg.keep_checkpoints < 1 or cfg.max_bad_steps < 1:
-        raise UserError("keep_checkpoints and max_bad_steps must be at least 1")
-    if cfg.init_from not in ("scratch", "resume", "auto", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-        raise UserError(f"init_from={cfg.init_from!r}: use 'scratch', 'resume', 'auto' or one of 'gpt2', 'gpt2-medium', "
-                        f"'gpt2-large', 'gpt2-xl'")
-
-
-def check_runs(argvs: list[list[str]]) -> list[dict]:
-    """Each argument list's config as a single process would run it, or {"error": message}."""
-    results = []
-    for argv in argvs:
-        try:
-            cfg = Config(configurator.parse(DEFAULTS, argv))
-            validate(cfg, world_size=1)
-            results.append(dict(cfg))
-        except UserError as e:
-            results.append({"error": one_line(str(e))})
-    return results
+# ----------------------------------------------------------------------------- the schedule
 
 
 def tokens_per_step(cfg: Config) -> int:
     """Tokens of one optimizer step over all ranks."""
     return cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-
-
-def wsd_decay_start(cfg: Config) -> int:
-    """The step at which lr_schedule='wsd' leaves the peak for its decay."""
-    return cfg.lr_decay_iters - round(cfg.decay_fraction * cfg.lr_decay_iters)
 
 
 def get_lr(cfg: Config, it: int) -> float:
@@ -236,42 +72,12 @@ def get_lr(cfg: Config, it: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# ----------------------------------------------------------------------------- optimizers
-
-def build_optimizer(cfg: Config, model: GPT, device_type: str) -> torch.optim.Optimizer:
-    groups = model.param_groups(cfg.weight_decay)
-    betas = (cfg.beta1, cfg.beta2)
-    fused = device_type in ("cuda", "cpu")  # torch's fused AdamW kernels exist there
-    if cfg.optimizer_name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
-    if cfg.optimizer_name == "lion":
-        from optimizers import SkippableLion  # imported when used: lion_pytorch is needed for Lion only
-        return SkippableLion(groups, lr=cfg.learning_rate, betas=betas)
-    if cfg.optimizer_name == "muon":
-        from optimizers import MuonAdamW
-        hidden = [p for block in model.transformer.h for p in block.parameters() if p.dim() == 2]
-        if not hidden:
-            raise UserError("optimizer_name='muon' needs 2-D hidden matrices and this model has none; use n_layer >= 1")
-        return MuonAdamW(hidden, groups, cfg.learning_rate, cfg.weight_decay, betas, cfg.muon_momentum, fused=fused)
-    cls = SophiaG if cfg.optimizer_name == "sophiag" else SophiaH
-    impl = cfg.optimizer_impl
-    if impl == "auto":  # compile=False asks for no compilation: of the update neither
-        impl = "compiled" if cfg.compile else "foreach"
-    # The win rate is sampled on the step before each log line: counting costs an extra read of m and h.
-    return cls(groups, lr=cfg.learning_rate, betas=betas, rho=cfg.rho, impl=impl, stats_every=cfg.log_interval,
-               clip=cfg.sophia_clip, sqrt_hessian=estimator_of(cfg) == "adahessian")
-
-
-def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer reads `found_inf` itself (no host sync to skip a step)."""
-    return (isinstance(optimizer, Sophia) or getattr(optimizer, "reads_found_inf", False)
-            or isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused")))
-
+# ----------------------------------------------------------------------------- the estimator
 
 class HessianEstimator:
     """Sophia's estimator pass: takes this rank's share of the step's first `hess_batch_size`
     sequences, cut into equal chunks of at most batch_size sequences (one shape, so a compiled
-    model compiles it once), calls gnb_hessian or hutchinson_hessian (see ESTIMATORS), and
+    model compiles it once), calls gnb_hessian or hutchinson_hessian (see optimizers.ESTIMATORS), and
     folds the result into the optimizer."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, eager_model: torch.nn.Module,
@@ -326,8 +132,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     is not finite is skipped, so the parameters and the optimizer state (m, h, step counts)
     stay as they were. The decision is taken on the device, the same on every rank (the
     flag is all-reduced; NCCL enqueues that without blocking the host), and the optimizer
-    reads it as `found_inf` (fused AdamW, Lion here, Sophia). fp16's GradScaler, and an
-    optimizer that cannot read the flag (AdamW off CUDA and CPU), decide on the host."""
+    reads it as `found_inf` when it can (its `reads_found_inf`, see optimizers.py). fp16's
+    GradScaler, and an optimizer that cannot read the flag (AdamW off CUDA and CPU), decide on
+    the host."""
     total = torch.zeros((), device=batches[0][0].device)
     for i, (x, y) in enumerate(batches):
         set_grad_sync(model, i == len(batches) - 1)  # all-reduce only on the last micro-step
@@ -343,7 +150,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     found_inf = (~(torch.isfinite(norm) & torch.isfinite(total))).float()
     if dist.is_initialized():
         dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-    if scaler.is_enabled() or not skips_on_device(optimizer):
+    if scaler.is_enabled() or not optimizer.reads_found_inf:
         if not found_inf.item():
             scaler.step(optimizer)
     else:
@@ -513,7 +320,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     model.to(dev)
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == "float16"))
-    optimizer = build_optimizer(cfg, model, device_type)
+    optimizer = optimizers.build(cfg, model, device_type)
     progress = Progress()
     if checkpoint is not None:
         if sharded:  # the weights were loaded above, before sharding
@@ -530,7 +337,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
         model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
     mixed = autocast(device_type, dtype_name)
     estimator = None
-    if cfg.optimizer_name.startswith("sophia"):
+    if estimator_of(cfg) is not None:
         estimator = HessianEstimator(cfg, model, eager_model, optimizer, rank, world_size, mixed,
                                      scaler.get_scale if scaler.is_enabled() else (lambda: 1.0), dev)
     trainer = Trainer(cfg, rank, world_size, distributed, sharded, dev, out_dir, data_dir, meta, model_args, model,
@@ -676,19 +483,13 @@ def train(t: Trainer) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    """Train; returns the final evaluation's record (used by tests and scripts). `--check` alone
-    reads a JSON list of argument lists on stdin and prints, for each, the config it resolves
-    to or {"error": the one-line message}: scripts/compare.py checks its runs so, with one start-up."""
+    """Train; returns the final evaluation's record (used by tests and scripts)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--check"]:
-        print(json.dumps(check_runs(json.load(sys.stdin))))
-        return {}
-    cfg = Config(configurator.parse(DEFAULTS, argv, help_source=__file__))
     distributed = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     if distributed:
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    validate(cfg, world_size)
+    cfg = resolve(argv, world_size)
     dev = pick_device(cfg.device)
     if distributed and dev.startswith("cuda"):
         dev = f"cuda:{local_rank}"

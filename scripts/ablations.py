@@ -34,6 +34,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import settings  # noqa: E402
 from runtime import UserError, comma_list, exit_on_user_error, shown  # noqa: E402
 from scripts import compare, compare_plan, compare_report  # noqa: E402
 
@@ -110,7 +111,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], dict, dict[st
             raise UserError(f"{option} is set by each study; run scripts/compare.py for a comparison of your own")
     if not Path(args.config).is_file():
         raise UserError(f"config file {args.config} not found")
-    overrides = [a for a in passed if a.startswith("--") and a.partition("=")[0][2:] in compare_plan.DEFAULTS]
+    overrides = [a for a in passed if a.startswith("--") and a.partition("=")[0][2:] in settings.DEFAULTS]
     sophiag_config = shown(compare_plan.optimizer_config(Path(args.config), "sophiag", {}))
     cfg = compare_plan.resolve([sophiag_config, *overrides, "--optimizer_name=sophiag"])
     plans = studies(cfg["rho"], cfg["beta1"], cfg["beta2"])

@@ -24,7 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import ROOT, UserError
+import settings
+from errors import UserError, one_line
+from runtime import ROOT
 from scripts.bench_optimizer import SHAPES, RunFailed, cpu_model, output_tail, run_worker, spawn
 
 GPU_TRAIN = (("adamw", "AdamW"), ("sophiag", "Sophia-G"), ("sophiah", "Sophia-H"))  # train.py's optimizer_name
@@ -96,12 +98,8 @@ def gpu_plan(rehearse: bool, budget_s: float | None) -> GpuPlan:
 
 def paper_estimator_batches() -> dict[str, tuple[int, int]]:
     """{optimizer: (hess_batch_size, sequences per step)} of the paper's GPT-2 small configs."""
-    from configurator import read_literals
-
-    small = read_literals(ROOT / "config" / "_gpt2_small.py")
-    step = small["batch_size"] * small["gradient_accumulation_steps"]
-    return {name: (read_literals(ROOT / "config" / f"_optimizer_{name}.py")["hess_batch_size"], step)
-            for name in ("sophiag", "sophiah")}
+    configs = {name: settings.resolve([f"config/train_gpt2_small_{name}.py"], root=ROOT) for name in ("sophiag", "sophiah")}
+    return {name: (cfg.hess_batch_size, cfg.batch_size * cfg.gradient_accumulation_steps) for name, cfg in configs.items()}
 
 
 def scaled_hess_batches(sequences: int) -> dict[str, tuple[int, str]]:
@@ -129,20 +127,20 @@ def gpu_train_argv(plan: GpuPlan, name: str, hess_batch_size: int, dataset: str,
 
 
 def check_train_argvs(argvs: dict[str, list[str]]) -> None:
-    """train.py --check on every run before anything is written: a mistyped key or an invalid
-    value fails here in seconds, not after minutes of GPU time."""
-    proc = subprocess.run([sys.executable, "train.py", "--check"], input=json.dumps(list(argvs.values())),
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
-    try:
-        checked = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
+    """Before anything is written, train.py accepts every run's arguments (settings.resolve)
+    and starts here (`train.py --help` imports what a run imports): a mistyped key, an invalid
+    value or a missing package fails in seconds, not after minutes of GPU time."""
+    for name, argv in argvs.items():
+        try:
+            settings.resolve(argv, root=ROOT)
+        except UserError as e:
+            raise UserError(f"train.py refuses the {name} run of --what gpu: {one_line(str(e))}") from None
+    proc = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, check=False)
+    if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [""])[-1]
         hint = "; install the missing package (requirements.txt)" if "ModuleNotFoundError" in last else ""
-        raise UserError(f"train.py cannot start here (train.py --check, exit {proc.returncode}): "
-                        f"{last}{hint}") from None
-    for name, result in zip(argvs, checked):
-        if "error" in result:
-            raise UserError(f"train.py refuses the {name} run of --what gpu: {result['error']}")
+        raise UserError(f"train.py cannot start here (train.py --help, exit {proc.returncode}): {last}{hint}")
 
 
 def write_synthetic(data_dir: Path, train_tokens: int, val_tokens: int) -> None:

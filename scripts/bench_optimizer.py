@@ -9,7 +9,9 @@ peak memory, printed as Markdown tables.
                model.GPT(GPTConfig()) shapes, 124M fp32 parameters split into the decay /
                no-decay groups train.py uses, random gradients): SophiaG with impl foreach /
                compiled (and compiled with stats_every=10, the "_s10" row: what train.py and
-               a sampled win rate cost) against torch.optim.AdamW fused=True and foreach=True, and Lion (lion_pytorch).
+               a sampled win rate cost) against AdamW fused and unfused (adamw_foreach: as train.py
+               builds it where torch has no fused kernels, torch's default foreach or for-loop
+               path), Lion and Muon, each built by optimizers.build from its config/_optimizer_*.py.
                --iters timed steps after --warmup steps (the warmup holds torch.compile's
                compilation): the median, the fastest step and its CPU time; ratios against
                fused AdamW. Sophia's update_hessian (once every k steps in training) is timed
@@ -81,7 +83,9 @@ SHAPES = {
 }
 SHAPES["tiny2"] = SHAPES["tiny"]  # the same graphs: the rehearsal's second shape reuses inductor's cache
 
-# sophiag_<impl>[_s<n>]: SophiaG(impl=<impl>, stats_every=<n>)
+# <optimizer_name>[_fused | _foreach] and sophiag_<impl>[_s<n>]: the optimizer as train.py builds it
+# (optimizers.build, its config/_optimizer_<name>.py), AdamW fused or not, SophiaG with
+# impl=<impl> and win-rate counting every <n> steps (none without _s<n>)
 STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "muon", "sophiag_foreach", "sophiag_compiled",
                    "sophiag_compiled_s10")
 # (label, optimizer_name, optimizer_impl) for train.py
@@ -125,20 +129,16 @@ def worker_step(name: str, iters: int, warmup: int, seed: int, model: str = "sma
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     baseline_rss = rss_mib()
-    with torch.device("meta"):
-        shapes_model = GPT(GPTConfig(**SHAPES[model]))
     gen = torch.Generator(device=device).manual_seed(seed)
-    groups = []
-    for group in shapes_model.param_groups(weight_decay=0.1):
-        params = []
-        for p in group["params"]:
-            q = torch.nn.Parameter(torch.randn(p.shape, generator=gen, device=device) * 0.02)
-            q.grad = torch.randn(p.shape, generator=gen, device=device) * 1e-3
-            params.append(q)
-        groups.append({"params": params, "weight_decay": group["weight_decay"]})
-    del shapes_model
+    with torch.device(device):
+        shapes_model = GPT(GPTConfig(**SHAPES[model]))
+    groups = shapes_model.param_groups(weight_decay=0.1)
+    with torch.no_grad():
+        for p in (p for g in groups for p in g["params"]):
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
+            p.grad = torch.randn(p.shape, generator=gen, device=device) * 1e-3
     n_params = sum(p.numel() for g in groups for p in g["params"])
-    opt = make_optimizer(name, groups)
+    opt = step_optimizer(name, shapes_model, device, steps=warmup + iters)
 
     all_params = [p for g in groups for p in g["params"]]
     sophia = name.startswith("sophia")
@@ -196,25 +196,20 @@ def worker_step(name: str, iters: int, warmup: int, seed: int, model: str = "sma
     }
 
 
-def make_optimizer(name: str, groups: list[dict]):
-    import torch
+def step_optimizer(name: str, model, device: str, steps: int):
+    """The optimizer of a STEP_OPTIMIZERS row, built by the registry as train.py builds it."""
+    import optimizers
+    import settings
 
-    if name == "adamw_fused":
-        return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)
-    if name == "adamw_foreach":
-        return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), foreach=True)
-    if name == "lion":
-        from lion_pytorch import Lion
-        return Lion(groups, lr=1e-4, betas=(0.9, 0.99))
-    if name == "muon":
-        from optimizers import MuonAdamW
-        matrices = groups[0]["params"]  # the decay group in model order: wte, wpe, then the blocks' matrices
-        return MuonAdamW(matrices[2:], groups, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.95,
-                         fused=True)
-    from sophia import SophiaG
-    parts = name.split("_")
-    kwargs = {"stats_every": int(parts[2][1:])} if len(parts) > 2 else {}
-    return SophiaG(groups, lr=6e-4, betas=(0.96, 0.99), rho=0.05, impl=parts[1], **kwargs)
+    optimizer_name, _, variant = name.partition("_")
+    impl, _, stats = variant.partition("_s")
+    argv = [f"config/_optimizer_{optimizer_name}.py", f"--optimizer_name={optimizer_name}",
+            f"--log_interval={int(stats) if stats else steps + 1}"]  # log_interval: Sophia's stats_every
+    if optimizer_name.startswith("sophia"):
+        argv.append(f"--optimizer_impl={impl}")
+    # The device type decides only whether AdamW is fused: "mps" stands for a device without fused kernels.
+    device_type = "mps" if name == "adamw_foreach" else device
+    return optimizers.build(settings.resolve(argv, root=ROOT), model, device_type)
 
 
 def sync(device: str) -> None:

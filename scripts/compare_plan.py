@@ -36,19 +36,16 @@ import json
 import math
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import configurator
+import settings
+from errors import UserError
 from metrics import read_metrics as read_records
-from runtime import ROOT, UserError, comma_list, shown
+from optimizers import REGISTRY
+from runtime import ROOT, comma_list, shown
 
-TRAIN = ROOT / "train.py"
-# train.py's defaults and optimizers, read from its source: planning runs imports no training code.
-DEFAULTS = configurator.read_defaults(TRAIN)
-OPTIMIZERS: tuple[str, ...] = configurator.read_literals(TRAIN)["OPTIMIZERS"]
+OPTIMIZERS = tuple(REGISTRY)
 
 DEFAULT_FRACTIONS = {"adamw": 1.0, "lion": 1.0, "sophiag": 0.5, "sophiah": 0.5}
 # Keys the runner sets per run; an override of them would be silently replaced. A variant may set
@@ -187,22 +184,19 @@ def optimizer_config(base: Path, optimizer: str, explicit: dict[str, str]) -> Pa
     return base
 
 
-def resolve(train_args: list[str] | tuple[str, ...]) -> dict:
-    """The config train.py would run with these arguments (config paths relative to ROOT)."""
-    absolute = [a if a.startswith("--") else str(ROOT / a) for a in train_args]
-    return configurator.parse(DEFAULTS, absolute)
+def resolve(train_args: list[str] | tuple[str, ...]) -> settings.Config:
+    """The config train.py would run with these arguments (config paths relative to ROOT), not
+    yet checked: the runner adds its own keys (check_with_train checks the runs' arguments)."""
+    return settings.parse(list(train_args), root=ROOT)
 
 
 def check_with_train(train_args: dict[str, list[str]], configs: dict[str, str]) -> None:
-    """train.py's own checks of every group's config (`train.py --check`, one start-up for
-    all), before any run starts."""
-    proc = subprocess.run([sys.executable, str(TRAIN), "--check"], input=json.dumps(list(train_args.values())),
-                          cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"train.py --check failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    for label, checked in zip(train_args, json.loads(proc.stdout)):
-        if "error" in checked:
-            raise UserError(f"{label} ({configs[label]}): {checked['error']}")
+    """train.py's own checks (settings.resolve) of every group's arguments, before any run starts."""
+    for label, args in train_args.items():
+        try:
+            settings.resolve(args, root=ROOT)
+        except UserError as e:
+            raise UserError(f"{label} ({configs[label]}): {e}") from None
 
 
 def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], list[Run]]:
@@ -293,7 +287,7 @@ def check_reused(run: Run) -> None:
         return
     wanted = json.loads(json.dumps(resolve(run.args)))
     # A key newer than the run's config.json counts as its default (what the older code ran with).
-    ran = {**json.loads(json.dumps(DEFAULTS)), **json.loads(saved_path.read_text())}
+    ran = {**json.loads(json.dumps(settings.DEFAULTS)), **json.loads(saved_path.read_text())}
     changed = [k for k in wanted if k != "init_from" and ran.get(k) != wanted[k]]
     if changed:
         k = changed[0]

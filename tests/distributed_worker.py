@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import optimizers
 import train
 
 
@@ -69,14 +70,14 @@ def main() -> None:
     runs = json.loads(Path(sys.argv[1]).read_text())
     rank = int(os.environ.get("RANK", "0"))
     built = {}
-    build_optimizer = train.build_optimizer
+    build_optimizer = optimizers.build
 
     def catching_build_optimizer(cfg, model, *args, **kwargs):
         built["model"] = model
         built["optimizer"] = build_optimizer(cfg, model, *args, **kwargs)
         return built["optimizer"]
 
-    train.build_optimizer = catching_build_optimizer
+    optimizers.build = catching_build_optimizer
     for run in runs:
         built.clear()
         dump = Path(run["dump"])

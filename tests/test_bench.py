@@ -54,7 +54,7 @@ def test_step_shapes_are_gpt2_small_and_medium():
 
 
 @pytest.mark.parametrize("rehearse", [False, True])
-def test_the_plans_train_runs_pass_train_py_check(rehearse):
+def test_the_plans_train_runs_pass_train_py_checks(rehearse):
     """The GPU plan's argument lists (device cuda, compile, bf16, block 1024) are valid configs:
     a typo there would otherwise surface only on a GPU."""
     plan = gpu.gpu_plan(rehearse, None)
@@ -65,7 +65,7 @@ def test_the_plans_train_runs_pass_train_py_check(rehearse):
         for name, argv in argvs.items():
             assert {"--compile=True", "--dtype=bfloat16", "--block_size=1024", "--device=cuda"} <= set(argv), argv
         assert "--hess_batch_size=32" in argvs["sophiag"] and "--hess_batch_size=4" in argvs["sophiah"]
-    # One train.py --check for all: the runs are checked in order, so the error names the mistyped last one.
+    # The runs are checked in order, so the error names the mistyped last one.
     with pytest.raises(UserError, match="refuses the mistyped run of --what gpu: .*batch_sise"):
         gpu.check_train_argvs({**argvs, "mistyped": [*argvs["adamw"], "--batch_sise=3"]})
 

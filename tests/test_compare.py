@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import settings
+
 ROOT = Path(__file__).resolve().parents[1]
 from tests.helpers import BPE, CHAR
 from scripts import ablations, compare, compare_plan, compare_report, compare_run, downstream_scores, plot_compare, significance, toy_landscape
@@ -366,7 +368,7 @@ def test_a_finished_run_of_older_code_is_reused_and_another_runs_settings_refuse
     run = compare_plan.plan(*compare.parse_args(argv))[1][0]
     write_metrics(run.out_dir, {0: 4.0, 10: 2.0})
     config = compare_plan.resolve(run.args)
-    added = next(k for k, v in config.items() if v == compare_plan.DEFAULTS[k] and k != "init_from")
+    added = next(k for k, v in config.items() if v == settings.DEFAULTS[k] and k != "init_from")
     (run.out_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != added}))
     results = compare.main(argv)
     assert results["groups"][0]["lrs"][0]["runs"][0]["state"] == "done"
@@ -400,9 +402,7 @@ def test_results_tell_runs_not_run_from_failed_ones(tmp_path, monkeypatch):
     assert "failed" not in md
 
     # Training them now: every run started exits 1 at once.
-    real_run = compare_run.subprocess.run
-    monkeypatch.setattr(compare_run.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
-                        else compare_run.subprocess.CompletedProcess(argv, 1))
+    monkeypatch.setattr(compare_run.subprocess, "run", lambda argv, **kw: compare_run.subprocess.CompletedProcess(argv, 1))
     compare.main(argv)
     md = (runs_dir / "results.md").read_text()
     lines = md.splitlines()
@@ -487,9 +487,8 @@ def test_runner_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     (redo / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     others = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/metrics.jsonl") if p.parent != redo}
     started = []
-    real_run = compare_run.subprocess.run
-    monkeypatch.setattr(compare_run.subprocess, "run", lambda argv, **kw: real_run(argv, **kw) if argv[-1] == "--check"
-                        else started.append(argv) or compare_run.subprocess.CompletedProcess(argv, 0))
+    monkeypatch.setattr(compare_run.subprocess, "run",
+                        lambda argv, **kw: started.append(argv) or compare_run.subprocess.CompletedProcess(argv, 0))
 
     # --no_train starts nothing: the unfinished run counts as not run.
     partial = compare.main(argv + ["--no_train"])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import configurator
-import train
+import optimizers
+import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "config").glob("*.py"))
@@ -49,8 +50,8 @@ def test_the_readme_table_lists_exactly_the_runnable_configs():
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)
 def test_every_config_parses_and_validates(path):
-    cfg = train.Config(configurator.parse(train.DEFAULTS, [str(path)]))
-    assert cfg.optimizer_name in train.OPTIMIZERS
+    cfg = settings.Config(configurator.parse(settings.DEFAULTS, [str(path)]))
+    assert cfg.optimizer_name in optimizers.REGISTRY
     assert cfg.optimizer_name in path.stem or path.stem == "train_shakespeare_char"
     header = path.read_text().split("\n\n")[0]
     if path.stem.startswith("train_gpt2_"):
@@ -58,9 +59,9 @@ def test_every_config_parses_and_validates(path):
         assert cfg.batch_size * cfg.gradient_accumulation_steps == 480
         assert cfg.max_iters == cfg.lr_decay_iters == 100000
         assert cfg.min_lr == pytest.approx(cfg.learning_rate / 20)
-        train.validate(cfg, world_size=8)  # one 8-GPU node
+        settings.validate(cfg, world_size=8)  # one 8-GPU node
     else:
-        train.validate(cfg, world_size=1)
+        settings.validate(cfg, world_size=1)
 
 
 @pytest.mark.parametrize("path", [p for p in RUNNABLE if p.stem.startswith("train_gpt2_")], ids=lambda p: p.name)
@@ -69,11 +70,11 @@ def test_every_gpt2_config_runs_what_its_size_file_sets(path):
     none of it, so the four optimizers at one size train the same model on the same batches."""
     size = path.stem.split("_")[2]
     # With every default None, the keys left non-None are those the size file (and its includes) sets.
-    size_file = configurator.parse(dict.fromkeys(train.DEFAULTS), [str(ROOT / "config" / f"_gpt2_{size}.py")])
+    size_file = configurator.parse(dict.fromkeys(settings.DEFAULTS), [str(ROOT / "config" / f"_gpt2_{size}.py")])
     shared = {k: v for k, v in size_file.items() if v is not None}
     assert {"n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps", "max_iters"} <= shared.keys()
     if "_fineweb_edu_" in path.stem:  # the paper's recipe on FineWeb-Edu: all of it but the dataset
         assert shared.pop("dataset") == "openwebtext"
-    cfg = configurator.parse(train.DEFAULTS, [str(path)])
+    cfg = configurator.parse(settings.DEFAULTS, [str(path)])
     assert {k: cfg[k] for k in shared} == shared
     assert cfg["dataset"] == ("fineweb_edu" if "_fineweb_edu_" in path.stem else "openwebtext")

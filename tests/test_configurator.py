@@ -1,7 +1,9 @@
 """Specification of configurator.py: how defaults, config files and --key=value combine,
 and what a mistake on the command line says."""
 
+import copy
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -10,13 +12,13 @@ from pathlib import Path
 import pytest
 
 import configurator
-import runtime
-import train
+import errors
+import settings
 from configurator import parse
-from runtime import UserError
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = train.DEFAULTS
+DEFAULTS = settings.DEFAULTS
 
 
 def parse_error(argv: list[str], defaults: dict | None = None) -> str:
@@ -32,16 +34,47 @@ def write(path: Path, text: str) -> str:
 
 # ----------------------------------------------------------------------------- defaults and overrides
 
-def test_defaults_are_train_py_module_values():
-    """Read from train.py's source (scripts plan runs without importing train.py), they are
-    exactly the values Python gives its module-level names, in file order."""
-    assert DEFAULTS == {k: getattr(train, k) for k in DEFAULTS}
+def test_defaults_are_the_settings_module_values():
+    """Read from settings.py's source, they are exactly the values Python gives its
+    module-level names, in file order."""
+    assert DEFAULTS == {k: getattr(settings, k) for k in DEFAULTS}
     assert list(DEFAULTS)[:2] == ["out_dir", "eval_interval"] and list(DEFAULTS)[-1] == "seed"
-    assert DEFAULTS["batch_size"] == train.batch_size == 12
+    assert DEFAULTS["batch_size"] == settings.batch_size == 12
     assert DEFAULTS["optimizer_name"] == "adamw"
     # Only the configuration: no modules, functions or constants defined after it.
-    assert "np" not in DEFAULTS and "CHECKPOINT" not in DEFAULTS and "OPTIMIZERS" not in DEFAULTS
+    assert "np" not in DEFAULTS and "CHECKPOINT" not in DEFAULTS and "REGISTRY" not in DEFAULTS
     assert all(isinstance(v, configurator.CONFIG_TYPES) for v in DEFAULTS.values())
+
+
+def test_settings_import_no_torch():
+    """Scripts plan and check train.py's runs from settings.py without torch's start-up."""
+    code = "import sys, settings; settings.resolve(['config/train_shakespeare_char.py']); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_a_default_that_is_not_a_literal_is_an_error_not_dropped(tmp_path):
+    source = write(tmp_path / "defaults.py", "batch_size = 6 * 2  # sequences\nblock_size = 8  # tokens\n")
+    with pytest.raises(ValueError, match=r"defaults.py:1: the default batch_size = 6 \* 2 is not a literal"):
+        configurator.read_defaults(source)
+    write(tmp_path / "defaults.py", "batch_size = 12  # sequences\nBLOCK = 6 * 2\n_private = max(1, 2)\n")
+    assert configurator.read_defaults(source) == {"batch_size": 12}
+
+
+def test_config_reads_settings_as_attributes():
+    cfg = settings.resolve(["--batch_size=3"])
+    assert cfg.batch_size == cfg["batch_size"] == 3
+    assert hasattr(cfg, "n_layer") and not hasattr(cfg, "no_such_key")
+    with pytest.raises(AttributeError, match="no_such_key"):
+        cfg.no_such_key
+    for copied in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):
+        assert type(copied) is settings.Config and copied == cfg and copied.batch_size == 3
+
+
+def test_resolve_checks_the_run_for_its_world_size():
+    assert settings.resolve(["--gradient_accumulation_steps=4"], world_size=2).gradient_accumulation_steps == 4
+    with pytest.raises(UserError, match="not divisible by the world size 3"):
+        settings.resolve(["--gradient_accumulation_steps=4"], world_size=3)
 
 
 def test_config_keys_are_public_lower_case_values_of_plain_types():
@@ -196,7 +229,7 @@ def test_config_file_that_raises_is_reported_on_one_line(tmp_path):
 
 
 def test_exit_on_user_error_prints_one_error_line_and_exits_2(capsys):
-    @runtime.exit_on_user_error
+    @errors.exit_on_user_error
     def main():
         raise UserError("something to fix")
 
@@ -208,7 +241,7 @@ def test_exit_on_user_error_prints_one_error_line_and_exits_2(capsys):
 
 def test_exit_on_user_error_folds_a_multi_line_message_into_one_line(capsys):
     """Messages may quote another library's multi-line exception (torch.load's does)."""
-    @runtime.exit_on_user_error
+    @errors.exit_on_user_error
     def main():
         raise UserError("cannot read it (Error: first\n\n\tsecond\n)")
 
@@ -218,15 +251,15 @@ def test_exit_on_user_error_folds_a_multi_line_message_into_one_line(capsys):
 
 
 def test_exit_on_user_error_passes_return_values_and_other_exceptions_through():
-    assert runtime.exit_on_user_error(lambda x: x + 1)(1) == 2
+    assert errors.exit_on_user_error(lambda x: x + 1)(1) == 2
     with pytest.raises(KeyError):
-        runtime.exit_on_user_error(lambda: {}["x"])()
+        errors.exit_on_user_error(lambda: {}["x"])()
 
 
 # ----------------------------------------------------------------------------- --help
 
-def test_every_key_has_a_meaning_comment_in_train_py():
-    meanings = configurator.key_help(ROOT / "train.py")
+def test_every_key_has_a_meaning_comment_in_settings_py():
+    meanings = configurator.key_help(ROOT / "settings.py")
     assert set(DEFAULTS) <= set(meanings), sorted(set(DEFAULTS) - set(meanings))
 
 
@@ -247,7 +280,7 @@ def test_help_lists_every_key_with_default_and_meaning():
     assert result.stdout.startswith("usage: python train.py")
     lines = {m.group(1): m.group(0) for m in re.finditer(r"^  --(\w+) .*$", result.stdout, re.MULTILINE)}
     assert set(lines) == set(DEFAULTS)
-    meanings = configurator.key_help(ROOT / "train.py")
+    meanings = configurator.key_help(ROOT / "settings.py")
     for key, default in DEFAULTS.items():
         assert f"= {default!r}" in lines[key], lines[key]
         assert lines[key].endswith(meanings[key]), lines[key]

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import dataset
+import settings
 import train
 from tests.test_train import TINY
 
@@ -95,7 +96,7 @@ def test_the_estimators_chunks_share_one_shape(tmp_path, monkeypatch):
 
 
 def test_mfu_counts_the_estimators_tokens():
-    cfg = train.Config(train.DEFAULTS)  # GPT-2 small: 480 x 1024 tokens a step, 240 sequences every 10 steps
+    cfg = settings.Config(settings.DEFAULTS)  # GPT-2 small: 480 x 1024 tokens a step, 240 sequences every 10 steps
     trainer = type("T", (), {"cfg": cfg, "estimator": None})()
     assert train.Trainer.mfu_tokens_per_iter(trainer) == 480 * 1024
     trainer.estimator = type("E", (), {"method": "gnb"})()

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+import settings
 import train
 from checkpoint import checkpoints
 from tests.helpers import BPE, CHAR, expect_one_line_error
@@ -180,7 +181,7 @@ def test_metrics_jsonl_holds_train_and_eval_records_with_documented_fields(twent
     assert len(train_records) + len(eval_records) == len(run.metrics())
     assert [r["iter"] for r in train_records] == [5, 10, 15, 20]  # every log_interval steps
     tokens_per_iter = 2 * 4 * 32  # accumulation steps x batch size x block size
-    cfg = train.Config(json.loads((run.out_dir / "config.json").read_text()))
+    cfg = settings.Config(json.loads((run.out_dir / "config.json").read_text()))
     for r in train_records:
         expected = TRAIN_FIELDS | (SOPHIA_FIELDS if name.startswith("sophia") else set())
         assert expected <= r.keys(), expected - r.keys()
@@ -205,7 +206,7 @@ def test_metrics_jsonl_holds_train_and_eval_records_with_documented_fields(twent
 def test_config_json_records_the_parsed_config(twenty_step_run):
     name, run = twenty_step_run
     config = json.loads((run.out_dir / "config.json").read_text())
-    assert config.keys() == train.DEFAULTS.keys()
+    assert config.keys() == settings.DEFAULTS.keys()
     assert config["max_iters"] == 20 and config["n_embd"] == 32 and config["out_dir"] == str(run.out_dir)
     assert config["optimizer_name"] == name.split("-")[0]
 
@@ -285,7 +286,7 @@ def test_eval_only_resume_reproduces_the_final_val_loss_and_writes_no_checkpoint
 
 
 def test_get_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    cfg = train.Config(train.DEFAULTS | {"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10, "lr_decay_iters": 110})
+    cfg = settings.Config(settings.DEFAULTS | {"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10, "lr_decay_iters": 110})
     assert train.get_lr(cfg, 0) == pytest.approx(1 / 11)
     assert train.get_lr(cfg, 9) == pytest.approx(10 / 11)
     assert train.get_lr(cfg, 10) == pytest.approx(1.0)
@@ -294,15 +295,15 @@ def test_get_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert train.get_lr(cfg, 1000) == pytest.approx(0.1)
     lrs = [train.get_lr(cfg, i) for i in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(lrs))
-    assert train.get_lr(train.Config(cfg | {"decay_lr": False}), 500) == 1.0
+    assert train.get_lr(settings.Config(cfg | {"decay_lr": False}), 500) == 1.0
 
 
 def test_wsd_warms_up_like_cosine_holds_the_peak_then_decays_by_1_minus_sqrt_over_the_last_fraction():
     """lr_schedule='wsd', decay_fraction=0.2 of lr_decay_iters=110: the same warmup as cosine, the
     peak until step 88 (110 - 22), then min_lr + (1 - sqrt(progress)) (peak - min_lr) to step 110."""
-    cosine = train.Config(train.DEFAULTS | {"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10,
+    cosine = settings.Config(settings.DEFAULTS | {"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10,
                                             "lr_decay_iters": 110})
-    wsd = train.Config(cosine | {"lr_schedule": "wsd", "decay_fraction": 0.2})
+    wsd = settings.Config(cosine | {"lr_schedule": "wsd", "decay_fraction": 0.2})
     assert [train.get_lr(wsd, i) for i in range(10)] == [train.get_lr(cosine, i) for i in range(10)]
     assert [train.get_lr(wsd, i) for i in range(10, 89)] == [1.0] * 79
     assert train.get_lr(wsd, 99) == pytest.approx(0.1 + (1 - math.sqrt(0.5)) * 0.9)  # halfway through the decay
@@ -310,7 +311,7 @@ def test_wsd_warms_up_like_cosine_holds_the_peak_then_decays_by_1_minus_sqrt_ove
     decay = [train.get_lr(wsd, i) for i in range(88, 111)]
     assert all(a > b for a, b in itertools.pairwise(decay))
     # A run of half the length (the comparison's T/2) ends its own decay: over its last 20%.
-    half = train.Config(wsd | {"lr_decay_iters": 55})
+    half = settings.Config(wsd | {"lr_decay_iters": 55})
     assert train.get_lr(half, 43) == 1.0 and train.get_lr(half, 44) == 1.0 and train.get_lr(half, 45) < 1.0
     assert train.get_lr(half, 55) == pytest.approx(0.1)
 
