@@ -288,7 +288,8 @@ def check_reused(run: Run) -> None:
     wanted = json.loads(json.dumps(resolve(run.args)))
     # A key newer than the run's config.json counts as its default (what the older code ran with).
     ran = {**json.loads(json.dumps(settings.DEFAULTS)), **json.loads(saved_path.read_text())}
-    changed = [k for k in wanted if k != "init_from" and ran.get(k) != wanted[k]]
+    # out_dir: a run folder copied elsewhere (e.g. from the repository's results) holds the same run.
+    changed = [k for k in wanted if k not in ("init_from", "out_dir") and ran.get(k) != wanted[k]]
     if changed:
         k = changed[0]
         raise UserError(f"{run.out_dir} holds a run with {k}={ran.get(k)!r}, not {wanted[k]!r}; use a new "

@@ -360,8 +360,9 @@ def test_significance_without_finished_seeds(tmp_path):
 
 def test_a_finished_run_of_older_code_is_reused_and_another_runs_settings_refused(tmp_path, capsys):
     """A run's config.json from older code lacks the keys added since: they count as their
-    defaults, so the run is finished and not rerun. A missing key whose wanted value is not the
-    default, or a differing one, is another run: refused with one line."""
+    defaults, so the run is finished and not rerun; so is a run folder copied from elsewhere (its
+    out_dir differs). A missing key whose wanted value is not the default, or a differing one, is
+    another run: refused with one line."""
     runs_dir = tmp_path / "runs"
     argv = [BASE, "--optimizers", "adamw", "--steps", "10", "--lr_grid", "1", "--seeds", "1",
             "--runs_dir", str(runs_dir), "--n_layer=1", "--no_train"]
@@ -369,7 +370,8 @@ def test_a_finished_run_of_older_code_is_reused_and_another_runs_settings_refuse
     write_metrics(run.out_dir, {0: 4.0, 10: 2.0})
     config = compare_plan.resolve(run.args)
     added = next(k for k, v in config.items() if v == settings.DEFAULTS[k] and k != "init_from")
-    (run.out_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != added}))
+    copied = {k: v for k, v in config.items() if k != added} | {"out_dir": "/elsewhere/" + run.out_dir.name}
+    (run.out_dir / "config.json").write_text(json.dumps(copied))
     results = compare.main(argv)
     assert results["groups"][0]["lrs"][0]["runs"][0]["state"] == "done"
 
