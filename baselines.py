@@ -1,5 +1,5 @@
-"""The baselines beside Sophia, made to skip a step on the device: Lion (lion_pytorch) and
-Muon (torch.optim.Muon for the hidden matrices, AdamW for the rest).
+"""The baselines beside Sophia, made to skip a step on the device: Lion (lion_pytorch), Muon
+(torch.optim.Muon for the hidden matrices, AdamW for the rest) and SOAP (pytorch-optimizer).
 
 train.py skips a step whose loss or gradient is not finite without waiting for the device:
 it sets `optimizer.found_inf` (a 0-dim tensor, nonzero to skip) and calls step(), the
@@ -105,3 +105,58 @@ class SkippableMuon(torch.optim.Muon):
                 new_p, new_buf = p.detach().clone(), buf.clone()
                 muon_update([new_p], [grad], [new_buf], has_complex=False, **options)
                 keep_unless_skipped(skip, [(p, new_p), (buf, new_buf)])
+
+
+def _copy(value):
+    """A copy of an optimizer state value: tensors cloned, lists (SOAP's per-dimension GG and Q) copied."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return [_copy(v) for v in value] if isinstance(value, list) else value
+
+
+def _select(skip: torch.Tensor, old, new):
+    """`old` where the step is skipped, else `new`, through lists; plain values are the new ones."""
+    if isinstance(new, torch.Tensor):
+        return torch.where(skip, old, new)
+    return [_select(skip, o, n) for o, n in zip(old, new)] if isinstance(new, list) else new
+
+
+class SkippableSOAP(torch.optim.Optimizer):
+    """pytorch-optimizer's SOAP (Vyas et al. 2024: Adam in the eigenbasis of Shampoo's
+    preconditioner, refreshed every `precondition_frequency` steps; decoupled weight decay),
+    whose step leaves p, its moments and its preconditioner (GG, Q) as they were where
+    `found_inf` is set. The package's step runs on the live tensors after they are copied, and
+    a select puts the copies back where the step is skipped: an applied step is bitwise the
+    package's. The package counts steps in a host integer (param_groups' "step": the bias
+    correction and the refresh schedule), which a skip decided on the device cannot hold back:
+    it counts calls of step(), skipped ones included. As MuonAdamW does with its parts, the
+    package's optimizer uses this one's param groups and state."""
+
+    def __init__(self, groups: list[dict], **kwargs):
+        from pytorch_optimizer import SOAP  # imported when used: it takes seconds (it imports transformers)
+        self.soap = SOAP(groups, **kwargs)
+        super().__init__(self.soap.param_groups, self.soap.defaults)
+        self._share()
+        self.reads_found_inf = True
+
+    def _share(self) -> None:
+        self.soap.param_groups, self.soap.state = self.param_groups, self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._share()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        skip = skip_flag(self)
+        if skip is None:  # no flag: the package's step, no copies
+            return self.soap.step(closure)
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        saved = {p: (p.detach().clone(), {k: _copy(v) for k, v in self.state[p].items()}) for p in params}
+        for p in params:  # a non-finite gradient would reach the eigendecomposition
+            p.grad.masked_fill_(skip, 0.0)
+        self.soap.step()
+        for p, (old_p, old_state) in saved.items():
+            p.copy_(torch.where(skip, old_p, p))
+            for key, old in old_state.items():
+                self.state[p][key] = _select(skip, old, self.state[p][key])

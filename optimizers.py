@@ -85,6 +85,12 @@ def build_muon(cfg: Any, model: GPT, device_type: str) -> torch.optim.Optimizer:
                      (cfg.beta1, cfg.beta2), cfg.muon_momentum, fused=fusable(device_type))
 
 
+def build_soap(cfg: Any, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    from baselines import SkippableSOAP
+    return SkippableSOAP(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                         precondition_frequency=cfg.precondition_frequency)
+
+
 def build_sophia(cfg: Any, model: GPT, device_type: str) -> torch.optim.Optimizer:
     import sophia
     cls = sophia.SophiaG if cfg.optimizer_name == "sophiag" else sophia.SophiaH
@@ -112,3 +118,5 @@ register(Entry("sophiag", build_sophia, estimator="gnb"))
 register(Entry("sophiah", build_sophia, estimator="hutchinson"))
 register(Entry("muon", build_muon, fsdp_refusal="its Newton-Schulz step needs each whole matrix, which FSDP2 "
                                                 "splits over ranks"))
+register(Entry("soap", build_soap, fsdp_refusal="its preconditioner's eigenbasis needs each whole matrix, which "
+                                                "FSDP2 splits over ranks"))

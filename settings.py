@@ -47,13 +47,14 @@ dropout = 0.0  # dropout rate (0 for pre-training)
 bias = False  # biases in Linear layers and LayerNorms
 scale_attn_by_inverse_layer_idx = False  # divide attention scores by the layer index + 1
 # optimizer
-optimizer_name = "adamw"  # 'adamw', 'lion', 'sophiag', 'sophiah' or 'muon' (hidden matrices; AdamW for the rest)
+optimizer_name = "adamw"  # 'adamw', 'lion', 'sophiag', 'sophiah', 'muon' or 'soap' (Muon: hidden matrices, AdamW for the rest)
 learning_rate = 6e-4  # peak learning rate
 max_iters = 100000  # total optimizer steps
 weight_decay = 1e-1  # decoupled weight decay on matrices and embeddings
 beta1 = 0.9  # AdamW/Lion/Sophia beta1 (gradient EMA); Muon's AdamW part
 beta2 = 0.95  # AdamW beta2, Lion beta2, Sophia's Hessian EMA rate; Muon's AdamW part
 muon_momentum = 0.95  # Muon only: Nesterov momentum of its hidden matrices
+precondition_frequency = 10  # SOAP only: steps between refreshes of its preconditioner's eigenbasis
 grad_clip = 1.0  # clip the gradient to this global norm (0 disables)
 rho = 0.05  # Sophia only (others ignore it): clipping scale gamma (paper: 0.05 Sophia-G, 0.01 Sophia-H)
 hess_interval = 10  # Sophia only (others ignore it): steps between Hessian estimates (k)

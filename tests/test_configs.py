@@ -20,7 +20,7 @@ RUNNABLE = [p for p in CONFIGS if not p.name.startswith("_")]  # "_*.py" are pie
 def test_there_is_a_config_per_paper_size_and_optimizer():
     names = {p.stem for p in RUNNABLE}
     for size in ("30m", "small", "medium", "540m", "large"):
-        for opt in ("adamw", "lion", "sophiag", "sophiah", "muon"):
+        for opt in ("adamw", "lion", "sophiag", "sophiah", "muon", "soap"):
             assert f"train_gpt2_{size}_{opt}" in names
     assert "train_gpt2_medium_sophiag" in names and "train_shakespeare_char" in names
 
@@ -36,7 +36,7 @@ def readme_config_names() -> set[str]:
     """The configs the README's table names; `{a,b}` expands, `{…}` is every optimizer."""
     names = set()
     for pattern in re.findall(r"^\| `(train_[^`]+)\.py` \|", (ROOT / "README.md").read_text(), re.M):
-        pattern = pattern.replace("{…}", "{adamw,lion,sophiag,sophiah,muon}")
+        pattern = pattern.replace("{…}", "{adamw,lion,sophiag,sophiah,muon,soap}")
         parts = [p.split(",") for p in re.split(r"\{([^}]*)\}", pattern)[1::2]]
         literals = re.split(r"\{[^}]*\}", pattern)
         for choice in itertools.product(*parts):

@@ -285,7 +285,7 @@ def test_help_lists_every_key_with_default_and_meaning():
         assert f"= {default!r}" in lines[key], lines[key]
         assert lines[key].endswith(meanings[key]), lines[key]
     assert "sequences per micro-step per rank" in lines["batch_size"]
-    assert "'adamw', 'lion', 'sophiag', 'sophiah' or 'muon'" in lines["optimizer_name"]
+    assert "'adamw', 'lion', 'sophiag', 'sophiah', 'muon' or 'soap'" in lines["optimizer_name"]
     assert "= 0.0006" in lines["learning_rate"]
 
 

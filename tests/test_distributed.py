@@ -51,10 +51,11 @@ OPTIMIZERS = {
     "adamw": ["--optimizer_name=adamw"],
     "lion": ["--optimizer_name=lion"],
     "muon": ["--optimizer_name=muon"],
+    "soap": ["--optimizer_name=soap"],
     "sophiag": ["--optimizer_name=sophiag"],
     "sophiah": ["--optimizer_name=sophiah", "--rho=0.01"],
 }
-FSDP_OPTIMIZERS = ["adamw", "lion", "sophiag"]  # Sophia-H and Muon are refused under FSDP2
+FSDP_OPTIMIZERS = ["adamw", "lion", "sophiag"]  # Sophia-H, Muon and SOAP are refused under FSDP2
 # 2 micro-steps per rank (4 in one process): the gradient all-reduce / reduce-scatter skipped on
 # the first (DDP no_sync, FSDP2 set_requires_gradient_sync), the estimator over 2 micro-batches.
 ACCUMULATE = ["--gradient_accumulation_steps=4", "--hess_batch_size=16", *OPTIMIZERS["sophiag"]]

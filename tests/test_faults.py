@@ -33,7 +33,7 @@ def final_state(out_dir: Path) -> dict:
 def uninterrupted(tmp_path_factory) -> dict:
     """The 60-step runs that the interrupted ones must reproduce, per optimizer."""
     runs = {}
-    for name in ("adamw", "sophiag", "sophiah", "lion", "muon"):
+    for name in ("adamw", "sophiag", "sophiah", "lion", "muon", "soap"):
         out_dir = tmp_path_factory.mktemp(f"full-{name}")
         run_train(out_dir, *SIXTY, f"--optimizer_name={name}")
         runs[name] = final_state(out_dir)
@@ -67,6 +67,7 @@ def test_only_the_latest_keep_checkpoints_are_kept(tmp_path):
     (signal.SIGTERM, "adamw", "iter 5:"),
     (signal.SIGUSR1, "lion", "iter 3:"),
     (signal.SIGTERM, "muon", "iter 4:"),
+    (signal.SIGTERM, "soap", "iter 6:"),
 ])
 def test_preemption_signal_checkpoints_exits_0_and_the_resumed_run_is_bitwise_the_same(
         tmp_path, uninterrupted, sig, name, stop_at):
@@ -182,6 +183,25 @@ def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched(tmp_p
     assert [r["iter"] for r in run.records("skipped")] == [5, 6]
     assert run.records("train")[-1]["skipped_steps"] == 2
     assert "non-finite loss or gradient, step skipped" in run.stdout
+
+
+def test_a_non_finite_soap_step_leaves_its_moments_and_preconditioner_untouched(tmp_path, poison_steps):
+    """As above for SOAP, with its eigenbasis refreshed every 2 steps (one refresh falls on a
+    skipped step): p, the moments and the preconditioner (GG, Q) are those of a 4-step run. The
+    package's host step counter (param_groups' "step") counts the skipped calls too: holding it
+    back would need the host to read the flag."""
+    args = ["--lr_decay_iters=6", "--eval_interval=1000", "--decay_lr=False", "--optimizer_name=soap",
+            "--precondition_frequency=2"]
+    poison_steps.update({4, 5})
+    run_train(tmp_path / "bad", *args, "--max_iters=6")
+    poison_steps.clear()
+    run_train(tmp_path / "good", *args, "--max_iters=4")
+    bad, good = load_ckpt(tmp_path / "bad"), load_ckpt(tmp_path / "good")
+    assert_same_tensors(bad["model"], good["model"], "model")
+    assert_same_tensors(bad["optimizer"]["state"], good["optimizer"]["state"], "optimizer")
+    assert {k for s in bad["optimizer"]["state"].values() for k in s} >= {"exp_avg", "exp_avg_sq", "GG", "Q"}
+    assert [g["step"] for g in bad["optimizer"]["param_groups"]] == [6, 6]
+    assert [g["step"] for g in good["optimizer"]["param_groups"]] == [4, 4]
 
 
 @pytest.mark.parametrize("name", ["sophiag", "sophiah"])

@@ -21,6 +21,7 @@ OPTIMIZERS = {
     "sophiag": ["--optimizer_name=sophiag"],
     "sophiah": ["--optimizer_name=sophiah", "--rho=0.01"],
     "muon": ["--optimizer_name=muon"],
+    "soap": ["--optimizer_name=soap"],
 }
 
 

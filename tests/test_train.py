@@ -410,6 +410,8 @@ cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
                  id="seed-out-of-range"),
     pytest.param(["--fsdp=True", "--optimizer_name=muon"], ["fsdp=True does not work with optimizer_name='muon'"],
                  id="muon-with-fsdp"),
+    pytest.param(["--fsdp=True", "--optimizer_name=soap"], ["fsdp=True does not work with optimizer_name='soap'"],
+                 id="soap-with-fsdp"),
     pytest.param(["--lr_schedule=linear"], ["lr_schedule='linear' is unknown", "'wsd'"], id="unknown-lr-schedule"),
     pytest.param(["--lr_schedule=wsd", "--decay_fraction=0"], ["decay_fraction=0.0 must lie in (0, 1]"],
                  id="wsd-without-decay"),
