@@ -190,11 +190,12 @@ def resolve(train_args: list[str] | tuple[str, ...]) -> settings.Config:
     return settings.parse(list(train_args), root=ROOT)
 
 
-def check_with_train(train_args: dict[str, list[str]], configs: dict[str, str]) -> None:
-    """train.py's own checks (settings.resolve) of every group's arguments, before any run starts."""
+def check_with_train(train_args: dict[str, list[str]], configs: dict[str, str], world_size: int) -> None:
+    """train.py's own checks (settings.resolve) of every group's arguments on `world_size` ranks,
+    before any run starts."""
     for label, args in train_args.items():
         try:
-            settings.resolve(args, root=ROOT)
+            settings.resolve(args, world_size, root=ROOT)
         except UserError as e:
             raise UserError(f"{label} ({configs[label]}): {e}") from None
 
@@ -257,7 +258,9 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Group], l
         groups.append(group)
         runs += [make_run(group, lr, seed, Path(args.runs_dir), overrides) for lr in lrs for seed in seeds]
     # Checked as each group's runs will run (its steps and warmup), its first run standing for all.
-    check_with_train({g.label: list(next(r for r in runs if r.group == g).args) for g in groups}, configs)
+    # Under SLURM each run is one process per GPU on every node of its job.
+    world_size = args.nodes * max(1, args.gpus_per_node) if args.launcher == "slurm" else 1
+    check_with_train({g.label: list(next(r for r in runs if r.group == g).args) for g in groups}, configs, world_size)
     return groups, runs
 
 

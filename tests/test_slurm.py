@@ -53,7 +53,8 @@ def test_dry_run_prints_a_multi_node_torchrun_job_and_writes_nothing(tmp_path, c
     argv = [a if a != "1,2" else "1" for a in SWEEP] + [
         "--runs_dir", str(runs_dir), "--launcher", "slurm", "--dry_run", "--nodes", "2", "--gpus_per_node", "4",
         "--cpus_per_task", "32", "--time", "4:00:00", "--partition", "gpu", "--account", "proj", "--qos", "high",
-        "--mem", "200G", "--sbatch=--constraint=a100", "--setup", "source venv/bin/activate", "--signal_s", "120"]
+        "--mem", "200G", "--sbatch=--constraint=a100", "--setup", "source venv/bin/activate", "--signal_s", "120",
+        "--gradient_accumulation_steps=8"]
     compare.main(argv)
     out = capsys.readouterr().out
     run = runs_dir / f"adamw_T{STEPS}_lr0.004_s1"
@@ -70,6 +71,17 @@ def test_dry_run_prints_a_multi_node_torchrun_job_and_writes_nothing(tmp_path, c
             "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout=120") in launch
     assert '--rdzv_endpoint="$head:' in launch and launch.endswith(f"--out_dir={run} --init_from=auto &")
     assert "scontrol requeue" in out and not runs_dir.exists()
+
+
+def test_runs_are_checked_on_the_world_size_of_their_jobs(tmp_path, capsys):
+    argv = [BASE, "--optimizers", "adamw", "--steps", "10", "--lr_grid", "1", "--seeds", "1", "--runs_dir",
+            str(tmp_path / "runs"), "--launcher", "slurm", "--dry_run", "--nodes", "2", "--gpus_per_node", "4",
+            "--gradient_accumulation_steps=4"]
+    with pytest.raises(SystemExit):
+        compare.main(argv)
+    assert ("error: adamw (config/train_shakespeare_char_adamw.py): gradient_accumulation_steps=4 is not divisible "
+            "by the world size 8") in capsys.readouterr().err
+    compare.main(argv[:-1] + ["--gradient_accumulation_steps=8"])
 
 
 @pytest.fixture(scope="module")
