@@ -46,15 +46,13 @@ def error_line(out_dir: Path) -> str:
 def execute(runs: list[Run], args: argparse.Namespace) -> dict[Run, str]:
     """Every run's state, after running (locally) or submitting (SLURM) what is not finished."""
     states: dict[Run, str] = {}
-    todo = []
     for run in runs:
         check_reused(run)
         if is_finished(run):
             states[run] = "done"
             print(f"finished, not rerun: {shown(run.out_dir)}")
-        else:
-            todo.append(run)
-    todo = round_robin(todo)
+    # Ordered over every run, finished ones included: a resumed study fills its shallowest grids first.
+    todo = [run for run in round_robin(runs) if run not in states]
     if args.launcher == "slurm":
         from scripts import compare_slurm
         return {**states, **compare_slurm.execute(todo, args)}

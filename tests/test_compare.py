@@ -144,7 +144,7 @@ def test_variants_are_groups_with_their_own_overrides_and_can_be_the_baseline(tm
     assert "| sophiag | 5 |" not in md.split("## Tuning grids")[1].split("##")[0]
 
 
-def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp_path):
+def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp_path, capsys):
     """A variant may tune the warmup (the others keep the runner's, here 5% of T as in the config),
     checked against T, not the config's shorter run; a study stopped half-way has every group's
     grid filled to the same depth: runs start round-robin over the groups."""
@@ -159,6 +159,12 @@ def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp
     order = [(r.group.label, r.lr) for r in compare_run.round_robin(runs)]
     assert [label for label, _ in order] == ["adamw", "adamw_w20", "sophiag_w20"] * 2
     assert order[:3] == [(g.label, g.lrs[0]) for g in groups]
+    # Resumed with adamw's first run finished: the other groups' first runs still come first.
+    write_metrics(runs[0].out_dir, {0: 4.0, 20000: 2.0})
+    compare_run.execute(runs, compare.parse_args(argv + ["--no_train"])[0])
+    printed = [line.split(": ")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("not finished")]
+    assert [p.rsplit("/", 1)[1].split("_T")[0] for p in printed] == ["adamw_w20", "sophiag_w20", "adamw", "adamw_w20",
+                                                                       "sophiag_w20"]
 
     # WSD for every run: each ends its own decay, over the last decay_fraction of its own steps.
     _, wsd = compare_plan.plan(*compare.parse_args(argv + ["--optimizers", "sophiag:0.5", "--lr_schedule=wsd"]))
