@@ -4,8 +4,8 @@ run is the tiny Shakespeare model on the CPU, one CPU per job.
 
 - a 2-run sweep through SLURM ends with the same losses as the same sweep run locally, and two
   compare.py started together submit each run once; one started after submits nothing;
-- a job stopped mid-run by the warning signal checkpoints, requeues itself and ends bitwise equal
-  to the uninterrupted run;
+- a job stopped mid-run, by the warning signal or by a requeue (preemption), checkpoints, is
+  requeued and ends bitwise equal to the uninterrupted run;
 - a run that fails with a user error fails once, with its one-line error, and is not requeued
   or submitted again.
 The job scripts of a multi-node run are checked with --dry_run, which needs no cluster.
@@ -122,8 +122,16 @@ def test_sweep_through_slurm_matches_local_and_submits_each_run_once(local, tmp_
     assert {d.name: (d / "slurm.job").read_text().strip() for d in runs_dir.iterdir() if d.is_dir()} == jobs
 
 
+# How a job is stopped, and the signal train.py reports: the warning SLURM sends --signal_s before
+# the time limit (USR1 to the batch shell, which passes it on), or a preemption that requeues the
+# job (SIGTERM to every process of the job, train.py's own or the USR1 of the batch shell first).
+STOPS = {"time_limit_warning": (["scancel", "--signal=USR1", "--batch"], ("SIGUSR1",)),
+         "scheduler_requeue": (["scontrol", "requeue"], ("SIGTERM", "SIGUSR1"))}
+
+
 @needs_slurm
-def test_preempted_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(local, tmp_path, capsys):
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_preempted_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(local, tmp_path, capsys, stop):
     runs_dir = tmp_path / "slurm"
     argv = [a if a != "1,2" else "1" for a in SWEEP] + ["--runs_dir", str(runs_dir), *SLURM]
     compare.main(argv)
@@ -133,13 +141,13 @@ def test_preempted_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(l
     while not (out_dir / "metrics.jsonl").exists() or '"kind": "train"' not in (out_dir / "metrics.jsonl").read_text():
         assert time.time() < deadline, "the job did not start training"
         time.sleep(0.1)
-    # What SLURM sends --signal_s before the time limit: USR1 to the batch shell.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    command, received = STOPS[stop]
+    subprocess.run([*command, job], check=True)
     compare.main(argv + ["--wait"])
     out = capsys.readouterr().out
     assert "ok: " in out and "failed" not in out
     log = (out_dir / "train.log").read_text()
-    assert "received SIGUSR1: saved a checkpoint at step" in log
+    assert any(f"received {signal}: saved a checkpoint at step" in log for signal in received)
     assert f"slurm: job {job} stopped (exit 0); requeued to continue from its latest checkpoint" in log
     assert job_field(job, "Restarts") == "1" and (out_dir / "slurm.job").read_text().strip() == job
 
