@@ -129,8 +129,10 @@ class SkippableSOAP(torch.optim.Optimizer):
     a select puts the copies back where the step is skipped: an applied step is bitwise the
     package's. The package counts steps in a host integer (param_groups' "step": the bias
     correction and the refresh schedule), which a skip decided on the device cannot hold back:
-    it counts calls of step(), skipped ones included. As MuonAdamW does with its parts, the
-    package's optimizer uses this one's param groups and state."""
+    it counts calls of step(), skipped ones included. A skip on the very first step leaves what
+    the package initialises from a zero gradient (zero moments and statistics, a fixed basis)
+    instead of no state. As MuonAdamW does with its parts, the package's optimizer uses this
+    one's param groups and state."""
 
     def __init__(self, groups: list[dict], **kwargs):
         from pytorch_optimizer import SOAP  # imported when used: it takes seconds (it imports transformers)
