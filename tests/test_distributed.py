@@ -402,13 +402,27 @@ def test_a_user_error_under_torchrun_is_printed_once_and_every_rank_exits_2(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_launch_py_ends_a_user_error_with_its_one_line_and_exit_2(tmp_path):
+    """launch.py: torchrun without its ChildFailedError report."""
+    argv = [sys.executable, "launch.py", "--standalone", f"--nproc_per_node={WORLD}",
+            "train.py", *TINY, f"--out_dir={tmp_path / 'run'}", "--gradient_accumulation_steps=3"]
+    result = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "error: gradient_accumulation_steps=3 is not divisible by the world size 2; make it a " \
+                            "multiple of 2\n"
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- preemption under torchrun
 
-def start_torchrun(out_dir: Path, *launcher_args: str) -> subprocess.Popen:
-    """A 2-rank Sophia-G run under torchrun, long enough to be stopped while it trains; the
-    launcher and its workers form one process group."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-            *launcher_args, "train.py", *TINY, f"--out_dir={out_dir}", *OPTIMIZERS["sophiag"],
+TORCHRUN = ("-m", "torch.distributed.run")
+
+def start_torchrun(out_dir: Path, *launcher_args: str, launcher: tuple[str, ...] = TORCHRUN) -> subprocess.Popen:
+    """A 2-rank Sophia-G run under torchrun (or launch.py), long enough to be stopped while it
+    trains; the launcher and its workers form one process group."""
+    argv = [sys.executable, *launcher, "--standalone", f"--nproc_per_node={WORLD}", *launcher_args, "train.py", *TINY, f"--out_dir={out_dir}", *OPTIMIZERS["sophiag"],
             "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000", "--log_interval=1"]
     return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -463,6 +477,17 @@ def test_ctrl_c_under_torchrun_checkpoints_and_stops(tmp_path):
     output = output_after_training_starts(proc, lambda: os.killpg(proc.pid, signal.SIGINT))
     assert output.count("saved a checkpoint at step") == 1, output[-3000:]
     assert output.count("Ctrl-C: finishing the step") == 1, output[-3000:]
+    assert_stopped_with_a_resumable_checkpoint(tmp_path, output, "received SIGINT (Ctrl-C)")
+
+
+def test_launch_py_ends_ctrl_c_with_the_checkpoint_line_and_exit_0(tmp_path):
+    """launch.py: torchrun without its SignalException traceback; the ranks alone get SIGINT."""
+    proc = start_torchrun(tmp_path, launcher=("launch.py",))
+    output = output_after_training_starts(proc, lambda: os.killpg(proc.pid, signal.SIGINT))
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("saved a checkpoint at step") == 1, output[-3000:]
+    assert output.rstrip().splitlines()[-1].endswith("continue with --init_from=resume"), output[-3000:]
+    assert not re.search(r"Traceback|Exception|Error", output), output[-3000:]
     assert_stopped_with_a_resumable_checkpoint(tmp_path, output, "received SIGINT (Ctrl-C)")
 
 
