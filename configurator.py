@@ -6,8 +6,10 @@ a bare argument is a Python file executed to override defaults, and `--key=value
 overrides one key, the value parsed with `ast.literal_eval` (a bare word is a string).
 A config file can start from another with `include("other.py")` (path relative to it).
 An unknown key is an error naming the closest known keys; a value of another type than
-the default's (except int for float) is an error naming the key and both types.
-`--help` prints every key with its default and the comment from its line.
+the default's (except int for float) is an error naming the key, the value given, the values
+it takes and the value in force. `--help` prints every key with its value, the file that set
+it (whenever a config file assigns it, equal to the default or not) and the comment from its
+line.
 """
 
 import ast
@@ -59,9 +61,13 @@ def key_help(source_file: str | Path) -> dict[str, str]:
     return meanings
 
 
-def coerce(key: str, value: Any, default: Any, origin: str) -> Any:
+ACCEPTED = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def coerce(key: str, value: Any, default: Any, origin: str, in_force: str = "") -> Any:
     """Check `value` against the type of `default`; int is accepted for float and a
-    list for a tuple. Raises UserError naming the key and both types."""
+    list for a tuple. Raises UserError naming the key, the value given, what the key takes
+    and `in_force` (the value that holds without this one, and where it comes from)."""
     if default is None or value is None:
         return value
     expected = type(default)
@@ -69,14 +75,19 @@ def coerce(key: str, value: Any, default: Any, origin: str) -> Any:
         return float(value)
     if expected is tuple and isinstance(value, list):
         value = tuple(value)
-    if expected is tuple and isinstance(value, tuple):
-        if len(value) != len(default) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise UserError(f"{origin}: {key} expects a tuple like {default!r}, got {value!r}")
+    if expected is not tuple and type(value) is expected:
+        return value
+    if expected is tuple and isinstance(value, tuple) and len(value) == len(default) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return tuple(type(d)(v) for d, v in zip(default, value))
-    if type(value) is not expected:
-        raise UserError(f"{origin}: {key} expects {expected.__name__} (default {default!r}), "
-                        f"got {type(value).__name__} {value!r}")
-    return value
+    accepted = ACCEPTED[expected] if expected in ACCEPTED else f"a tuple of {len(default)} numbers like {default!r}"
+    raise UserError(f"{origin}: {key} takes {accepted}, got {value!r}" + (f" ({in_force})" if in_force else ""))
+
+
+def in_force(key: str, config: dict[str, Any], origins: dict[str, str]) -> str:
+    """What holds for `key` so far: 'the value in force is X, the default' or '..., set by FILE'."""
+    where = f"set by {origins[key]}" if key in origins else "the default"
+    return f"the value in force is {config[key]!r}, {where}"
 
 
 def parse_value(raw: str, default: Any) -> Any:
@@ -114,8 +125,11 @@ def apply_config_file(path: str, config: dict[str, Any], origins: dict[str, str]
         namespace.update(config)
 
     namespace["include"] = include
+    source = file.read_text()
     try:
-        exec(compile(file.read_text(), str(file), "exec"), namespace)
+        assigned = {n.id for n in ast.walk(ast.parse(source))
+                    if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        exec(compile(source, str(file), "exec"), namespace)
     except UserError:
         raise
     except Exception as e:  # a user's Python file: report its error on one line
@@ -125,8 +139,8 @@ def apply_config_file(path: str, config: dict[str, Any], origins: dict[str, str]
             continue  # imports, helpers and dunders of the config file
         if key not in config:
             raise unknown_key_error(key, list(config), path)
-        value = coerce(key, value, config[key], path)
-        if value != config[key] or type(value) is not type(config[key]):
+        value = coerce(key, value, config[key], path, in_force(key, config, origins))
+        if key in assigned:  # equal to the value before or not: this file sets it
             origins[key] = path
         config[key] = value
 
@@ -148,7 +162,8 @@ def parse(defaults: dict[str, Any], argv: list[str], help_source: str | Path | N
         key, raw = arg[2:].split("=", 1)
         if key not in config:
             raise unknown_key_error(key, list(config), "command line")
-        config[key] = coerce(key, parse_value(raw, defaults[key]), defaults[key], "command line")
+        config[key] = coerce(key, parse_value(raw, defaults[key]), defaults[key], "command line",
+                             in_force(key, config, origins))
         origins[key] = "command line"
     if "-h" in argv or "--help" in argv:
         try:

@@ -378,7 +378,7 @@ cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
 
 @pytest.mark.parametrize("args, fragments", [
     pytest.param(["--learning_rat=1"], ["'learning_rat'", "--learning_rate"], id="unknown-key"),
-    pytest.param(["--batch_size=abc"], ["batch_size", "expects int", "got str"], id="wrong-type"),
+    pytest.param(["--batch_size=abc"], ["batch_size takes an integer, got 'abc'"], id="wrong-type"),
     pytest.param(["--n_embd=30", "--n_head=4"], ["n_embd=30", "n_head=4"], id="n_embd-not-divisible"),
     pytest.param(["--compile"], ["--compile=VALUE"], id="key-without-value"),
     pytest.param(["--optimizer_name=sgd"], ["'sgd'", "adamw"], id="unknown-optimizer"),
