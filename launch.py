@@ -9,22 +9,36 @@ torchrun's launcher in this process and ends with the ranks' exit status instead
 added except a line for a rank that was killed without a word (e.g. by the kernel's OOM killer):
 
 - a user error: the rank's one `error: ...` line, exit status 2;
-- Ctrl-C: it reaches every rank from the terminal; they finish their step, save a checkpoint
-  and exit 0, and so does the launcher (torchrun would forward a second SIGINT to ranks that
-  are saving, which aborts them; here the launcher leaves SIGINT to the ranks);
+- Ctrl-C: torchrun starts each rank in a session of its own, so the terminal's SIGINT reaches
+  the launcher alone; it passes it on to every rank once, as torchrun does, and the ranks finish
+  their step, save a checkpoint and exit 0, and so does the launcher (torchrun then reports the
+  signal with exit status 1). A second Ctrl-C, passed on too, makes the ranks abort (exit 130);
 - SIGTERM (or a signal given with --signals_to_handle) to the launcher: forwarded to the ranks
   as torchrun does, then exit status 128 + the signal's number, without a traceback.
 """
 
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-DEFAULT_SIGNALS = "SIGTERM,SIGHUP,SIGQUIT"  # torchrun's, less SIGINT: a terminal delivers that to the ranks
+DEFAULT_SIGNALS = "SIGTERM,SIGHUP,SIGQUIT"  # torchrun's, less SIGINT: pass_on() hands that to the ranks
+
+
+def pass_on(signum: int, frame: object) -> None:
+    """Signal every rank: the children of this process, each the leader of its process group."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid():
+                os.killpg(pid, signum)
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = torchrun.parse_args(argv)
     if args.signals_to_handle == torchrun.get_args_parser().get_default("signals_to_handle"):
         args.signals_to_handle = DEFAULT_SIGNALS
-    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the ranks decide: checkpoint, or abort on a second
+    signal.signal(signal.SIGINT, pass_on)  # the ranks decide: checkpoint, or abort on a second
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure reports
     try:
         torchrun.run(args)
