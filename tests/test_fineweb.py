@@ -219,8 +219,10 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, case, fragments):
         data_files = {"no_match": str(tmp_path / "nowhere" / "*.parquet")}.get(case, good)
     argv = ["--data_files", data_files] + ([] if case == "no_out_dir" else ["--out_dir", str(tmp_path / "out")])
     argv += {"no_train": ["--min_val_tokens", "100000"], "max_below_min": ["--max_tokens", "10"]}.get(case, [])
-    expect_one_line_error(capsys, fineweb.main, argv, *fragments)
-    assert not (tmp_path / "out" / "train.bin").exists()
+    err = expect_one_line_error(capsys, fineweb.main, argv, *fragments)
+    assert not (tmp_path / "out").exists()  # a failed first preparation leaves no folder
+    if case == "no_train":  # the advice that applies: --max_tokens is unlimited already
+        assert "lower --min_val_tokens=100000 or give more documents" in err and "--max_tokens" not in err
 
 
 def test_a_txt_file_is_one_document(tmp_path, capsys):

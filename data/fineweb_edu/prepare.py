@@ -162,8 +162,9 @@ def prepare(
             if not counts["train_documents"]:
                 n = counts["val_documents"]
                 raise UserError(f"{source} holds no documents" if not n else
-                                f"{source} gave {n} document(s), all held out for val; a train split needs more "
-                                "(lower --min_val_tokens or raise --max_tokens)")
+                                f"{source} gave {n} document(s), all held out for val; a train split needs more: "
+                                f"lower --min_val_tokens={min_val_tokens}" + (" or raise --max_tokens" if max_tokens
+                                                                             else " or give more documents"))
         meta = {"tokenizer": "gpt2", "vocab_size": gpt2_encoding().n_vocab, "end_of_text": EOT, **counts,
                 "source": source, "max_tokens": max_tokens, "val_every": val_every, "min_val_tokens": min_val_tokens}
         write_meta(out_dir, meta)
