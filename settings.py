@@ -49,7 +49,7 @@ scale_attn_by_inverse_layer_idx = False  # divide attention scores by the layer 
 # optimizer
 optimizer_name = "adamw"  # 'adamw', 'lion', 'sophiag', 'sophiah', 'muon' or 'soap' (Muon: hidden matrices, AdamW for the rest)
 learning_rate = 6e-4  # peak learning rate
-max_iters = 100000  # total optimizer steps
+max_iters = 100000  # total optimizer steps; a finished run resumed with a larger one continues
 weight_decay = 1e-1  # decoupled weight decay on matrices and embeddings
 beta1 = 0.9  # AdamW/Lion/Sophia beta1 (gradient EMA); Muon's AdamW part
 beta2 = 0.95  # AdamW beta2, Lion beta2, Sophia's Hessian EMA rate; Muon's AdamW part
@@ -67,7 +67,7 @@ decay_lr = True  # linear warmup then lr_schedule's decay; False keeps learning_
 lr_schedule = "cosine"  # 'cosine' (to min_lr at lr_decay_iters) or 'wsd' (constant, then 1-sqrt decay to min_lr)
 decay_fraction = 0.2  # 'wsd' only: the decay takes this last fraction of lr_decay_iters
 warmup_iters = 2000  # steps of linear warmup
-lr_decay_iters = 100000  # step at which the schedule reaches min_lr (usually max_iters)
+lr_decay_iters = 100000  # step at which the schedule reaches min_lr (usually max_iters); a resume uses the value given
 min_lr = 3e-5  # final learning rate (paper: 0.05 x peak)
 # system
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'

@@ -245,6 +245,10 @@ class Trainer:
                 "world_size": self.world_size, "meta": self.meta}, self.cfg.keep_checkpoints)
 
 
+class RunFinished(Exception):
+    """A resume at or past max_iters: the run is left as it is (nothing written, exit status 0)."""
+
+
 def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) -> Trainer:
     """Check the data, build or resume the model, optimizer, sampler and estimator; nothing is
     written, and out_dir not even created, before every check has passed."""
@@ -279,6 +283,9 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     checkpoint = resumed = None
     if cfg.init_from == "resume" or (cfg.init_from == "auto" and checkpoints(out_dir)):
         checkpoint, resumed = load_latest_checkpoint(out_dir)
+        if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+            raise RunFinished(f"{out_dir}: already at step {checkpoint['iter_num']} (max_iters={cfg.max_iters}): "
+                              f"nothing to do; raise --max_iters to continue")
         if master:
             print(f"resuming from step {checkpoint['iter_num']} of {resumed}")
             was = Config(checkpoint["config"])
@@ -498,6 +505,10 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
     try:
         return train(setup(cfg, rank, world_size, distributed, dev))
+    except RunFinished as e:
+        if rank == 0:
+            print(e)
+        return {}
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -285,6 +285,27 @@ def test_eval_only_resume_reproduces_the_final_val_loss_and_writes_no_checkpoint
     assert {k: v for k, v in after.items() if k.startswith("ckpt")} == {k: v for k, v in before.items() if k.startswith("ckpt")}
 
 
+def test_a_finished_run_is_left_alone_and_a_larger_max_iters_continues_it(tmp_path):
+    """Resuming at max_iters says so and writes nothing (no evaluation record, no config.json);
+    raising max_iters continues from the checkpoint, the LR taken from the schedule at each step
+    (past lr_decay_iters: min_lr)."""
+    out_dir = tmp_path / "out"
+    run_train(out_dir, "--max_iters=6", "--eval_interval=3", "--lr_decay_iters=6")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out_dir.iterdir() if p.is_file()}
+    for how in ("--init_from=resume", "--init_from=auto"):
+        again = run_train(out_dir, "--max_iters=6", "--eval_interval=3", "--lr_decay_iters=6", how)
+        assert again.result == {}
+        assert again.stdout == (f"{out_dir}: already at step 6 (max_iters=6): nothing to do; "
+                                "raise --max_iters to continue\n")
+        assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out_dir.iterdir() if p.is_file()} == before
+    more = run_train(out_dir, "--max_iters=9", "--eval_interval=3", "--lr_decay_iters=6", "--init_from=resume")
+    assert more.result["iter"] == 9 and "resuming from step 6" in more.stdout
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["kind"] == "eval"][-1] == 9
+    assert {r["lr"] for r in records if r["kind"] == "train" and r["iter"] > 6} == {3e-4}  # TINY's min_lr
+    assert json.loads((out_dir / "config.json").read_text())["max_iters"] == 9
+
+
 def test_get_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     cfg = settings.Config(settings.DEFAULTS | {"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10, "lr_decay_iters": 110})
     assert train.get_lr(cfg, 0) == pytest.approx(1 / 11)
