@@ -269,6 +269,24 @@ class GPT(nn.Module):
         return idx
 
 
+def training_memory(config: GPTConfig, batch_size: int, activation_bytes: int, state_bytes: float,
+                    shards: int = 1) -> dict[str, int]:
+    """Bytes one rank needs to train this model, estimated from the shapes alone (the model is
+    built on the meta device: nothing is allocated): float32 weights and gradients and the
+    optimizer's state (`state_bytes` per parameter), each divided over `shards` (FSDP2), and
+    what autograd keeps of one micro-batch: 17 values per layer, hidden unit and token
+    (Korthikanti et al. 2022, "Reducing Activation Recomputation", with fused attention, which
+    keeps no T x T scores) plus the logits, their float32 softmax and its gradient. The
+    allocator, the framework and the data add their own."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(config).parameters())
+    tokens = batch_size * config.block_size
+    return {"params": params, "weights": 4 * params // shards, "gradients": 4 * params // shards,
+            "optimizer state": int(state_bytes * params) // shards,
+            "activations": tokens * (17 * config.n_layer * config.n_embd * activation_bytes
+                                     + config.vocab_size * (activation_bytes + 8))}
+
+
 # bf16 dense tensor-core peak FLOP/s, by model name (a whole word of torch.cuda.get_device_name()).
 PEAK_FLOPS = {
     "H200": 989e12,

@@ -164,6 +164,18 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def free_memory(device: str) -> int | None:
+    """Bytes free for a run: the GPU's free memory, or on the CPU the RAM Linux counts as
+    available; None where neither is known (MPS, a CPU without /proc/meminfo)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if device == "cpu" and Path("/proc/meminfo").is_file():
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        if "MemAvailable" in fields:
+            return int(fields["MemAvailable"].split()[0]) * 1024
+    return None
+
+
 def device_type(device: str) -> str:
     """'cuda' for 'cuda:N', else the device itself: what torch.autocast and GradScaler take."""
     return "cuda" if device.startswith("cuda") else device

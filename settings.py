@@ -73,6 +73,7 @@ min_lr = 3e-5  # final learning rate (paper: 0.05 x peak)
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16; float32 on CPU), or explicit
 compile = True  # torch.compile the model
+memory_check = True  # refuse a run whose estimated memory exceeds what the device has free (False: try anyway)
 fsdp = False  # shard parameters, gradients and optimizer state over ranks (FSDP2) instead of DDP
 seed = 1337  # seeds model init, data order and the estimator's random draws
 # -----------------------------------------------------------------------------

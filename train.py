@@ -33,11 +33,12 @@ from checkpoint import (all_finite, checkpoints, full_state_dicts, load_full_opt
                         set_rng_state)
 from dataset import EMBEDDED_DATASETS, Batches, check_split, dataset_meta, estimate_loss, prepare_dataset, read_split
 from metrics import MetricsLog, StepWindow, init_wandb
-from model import GPT, peak_flops
+from model import GPT, GPTConfig, peak_flops, training_memory
 from runtime import device_type as runtime_device_type
 from errors import UserError, exit_on_user_error
 from optimizers import SECOND_ORDER, estimator_of
-from runtime import ROOT, DeviceTimer, RunLock, StopRequests, autocast, pick_device, pick_dtype, set_grad_sync, shard_model, writable_dir
+from runtime import (ROOT, DeviceTimer, RunLock, StopRequests, autocast, free_memory, pick_device, pick_dtype, set_grad_sync,
+                     shard_model, writable_dir)
 from settings import Config, resolve, wsd_decay_start
 from sophia import Sophia, gnb_hessian, hutchinson_hessian
 
@@ -245,6 +246,32 @@ class Trainer:
                 "world_size": self.world_size, "meta": self.meta}, self.cfg.keep_checkpoints)
 
 
+STATE_BYTES = {"lion": 4}  # optimizer state per parameter (float32): Lion keeps one EMA, the others two
+
+
+def check_memory(cfg: Config, meta: dict, dev: str, dtype_name: str, shards: int) -> str:
+    """One rank's memory, estimated from the shapes before the model is built, against what the
+    device has free (the RAM shared by this machine's ranks on a CPU): the line to print, or
+    UserError with it when the run cannot fit (unless memory_check=False)."""
+    shape = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, **GPT.PRETRAINED.get(cfg.init_from, {})}
+    vocab = meta["vocab_size"] if meta.get("tokenizer") == "char" else 50304
+    need = training_memory(GPTConfig(**shape, block_size=cfg.block_size, vocab_size=vocab, bias=cfg.bias),
+                           cfg.batch_size, 4 if dtype_name == "float32" else 2, STATE_BYTES.get(cfg.optimizer_name, 8),
+                           shards)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dev == "cpu" else 1
+    total = ranks * sum(v for k, v in need.items() if k != "params")
+    free = free_memory(dev)
+    size = lambda n: f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+    line = (f"memory: {need['params'] / 1e6:.2f}M parameters; per rank " +
+            " + ".join(f"{k} {size(v)}" for k, v in need.items() if k != "params") +
+            f" (a {cfg.batch_size}x{cfg.block_size} micro-batch)" + (f", x {ranks} ranks" if ranks > 1 else "") +
+            f" = {size(total)} estimated" + (f", of {size(free)} free on {dev}" if free is not None else ""))
+    if free is not None and total > free and cfg.memory_check:
+        raise UserError(f"{line}: the run cannot fit; lower batch_size (raise gradient_accumulation_steps to keep the "
+                        f"step), block_size, n_layer or n_embd, or pass --memory_check=False to try anyway")
+    return line
+
+
 class RunFinished(Exception):
     """A resume at or past max_iters: the run is left as it is (nothing written, exit status 0)."""
 
@@ -298,6 +325,9 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
         if checkpoint["config"]["dataset"] != cfg.dataset:
             raise UserError(f"checkpoint in {out_dir} was trained on dataset {checkpoint['config']['dataset']!r}, not "
                             f"{cfg.dataset!r}; resume with --dataset={checkpoint['config']['dataset']}, or use a new --out_dir")
+    memory = check_memory(cfg, meta, dev, dtype_name, world_size if sharded else 1)  # before the model is built
+    if master:
+        print(memory)
     model, model_args = model_to_train(cfg, out_dir, meta, checkpoint)
     for split in ("train", "val"):
         check_split(data_dir, split, model.config.vocab_size, cfg.block_size, meta)

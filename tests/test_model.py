@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, peak_flops
+from model import GPT, GPTConfig, peak_flops, training_memory
 from sophia import math_attention
 
 V, T, C, L, H = 65, 16, 32, 2, 2  # vocab, block size, width, layers, heads
@@ -338,6 +338,17 @@ def test_from_pretrained_without_cache_or_network_says_how_to_get_the_weights(gp
 
 
 # ----------------------------------------------------------------------------- accounting
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_training_memory_counts_the_parameters_without_building_the_model(shards):
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False)
+    need = training_memory(config, batch_size=3, activation_bytes=4, state_bytes=8, shards=shards)
+    params = sum(p.numel() for p in GPT(config).parameters())
+    assert need["params"] == params
+    assert (need["weights"], need["gradients"], need["optimizer state"]) == (4 * params // shards,
+                                                                              4 * params // shards, 8 * params // shards)
+    assert need["activations"] == 3 * 16 * (17 * 2 * 32 * 4 + 65 * 12)
+
 
 def test_get_num_params_matches_the_gpt2_formula():
     """Per block 12C^2 weights and 13C biases/gains, plus ln_f (2C) and the tied

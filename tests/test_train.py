@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,6 +393,31 @@ def expect_user_error(capsys, out_dir: Path, args: list[str], *fragments: str) -
                                 *fragments)
     assert snapshot(out_dir) == before
     return err
+
+
+def test_a_model_that_cannot_fit_is_refused_with_the_numbers_before_it_is_built(capsys, tmp_path):
+    """40 billion parameters: refused in one line at once, nothing allocated, nothing written."""
+    start = time.monotonic()
+    err = expect_one_line_error(capsys, train.main, [*TINY, f"--out_dir={tmp_path / 'out'}", "--n_layer=200",
+                                                     "--n_embd=4096", "--n_head=32"],
+                                "memory: 40267.44M parameters; per rank weights 150.0 GiB + gradients 150.0 GiB + "
+                                "optimizer state 300.0 GiB + activations", "free on cpu: the run cannot fit",
+                                "--memory_check=False")
+    assert time.monotonic() - start < 60, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_memory_estimate_is_one_line_and_memory_check_false_overrides_it(tmp_path, monkeypatch):
+    run = run_train(tmp_path / "a", "--max_iters=1", "--eval_interval=1")
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("memory: ")]
+    assert re.fullmatch(r"memory: 0\.\d\dM parameters; per rank weights \d+ MiB \+ gradients \d+ MiB \+ optimizer "
+                        r"state \d+ MiB \+ activations \d+ MiB \(a 4x32 micro-batch\) = \d+ MiB estimated, of "
+                        r"[\d.]+ [GM]iB free on cpu", line), line
+    monkeypatch.setattr(train, "free_memory", lambda device: 2 ** 20)  # a device with 1 MiB free
+    with pytest.raises(SystemExit):
+        run_train(tmp_path / "b", "--max_iters=1", "--eval_interval=1")
+    assert math.isfinite(run_train(tmp_path / "c", "--max_iters=1", "--eval_interval=1",
+                                   "--memory_check=False").result["val_loss"])
 
 
 cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
