@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,15 +432,16 @@ def check_token_file(path: Path, vocab_size: int, block_size: int, meta: dict,
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, data_dir: Path, block_size: int, batch_size: int, eval_iters: int,
-                  autocast: AbstractContextManager, device: str, rank: int = 0, world_size: int = 1
-                  ) -> dict[str, float]:
+                  autocast: AbstractContextManager, device: str, rank: int = 0, world_size: int = 1,
+                  stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
     """Mean loss of `model(x, y)[1]` over eval_iters batches of batch_size windows per split. The windows depend on
     the data alone (eval_offsets), so every evaluation of every run, whatever its seed,
     optimizer or number of ranks, scores the same windows: rank r scores batches r,
     r + world_size, ..., and the per-batch losses are summed over ranks (each slot is filled
     by one rank, the others add 0). Every rank runs the same number of forwards (FSDP2
     all-gathers in each), the last ones scoring a batch again with weight 0 when eval_iters
-    is not a multiple of the world size."""
+    is not a multiple of the world size. `stop` is asked before every batch (a collective under
+    torchrun: every rank asks as often); when it says so, the evaluation ends there: None."""
     out = {}
     model.eval()
     for split in ("train", "val"):
@@ -451,6 +452,9 @@ def estimate_loss(model: torch.nn.Module, data_dir: Path, block_size: int, batch
         # A transient bar (a terminal only, rank 0): logs keep one line per evaluation.
         for k in tqdm(range(rank, rounds * world_size, world_size), desc=f"evaluating {split}", leave=False,
                       disable=rank != 0 or not sys.stderr.isatty()):
+            if stop():
+                model.train()
+                return None
             x, y = windows(data, ix[k % eval_iters].tolist(), block_size, device)
             with autocast:
                 loss = model(x, y)[1]

@@ -407,10 +407,14 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
 
 # ----------------------------------------------------------------------------- the loop
 
-def evaluate(t: Trainer, log: MetricsLog | None) -> tuple[dict, bool]:
-    """Score both splits and log them; returns the record and whether val loss improved."""
+def evaluate(t: Trainer, log: MetricsLog | None, stop: StopRequests) -> tuple[dict, bool] | None:
+    """Score both splits and log them; returns the record and whether val loss improved, or
+    None when a stop request came during it (asked between batches: seconds, not the whole
+    evaluation)."""
     losses = estimate_loss(t.model, t.data_dir, t.cfg.block_size, t.cfg.batch_size, t.cfg.eval_iters, t.autocast,
-                           t.device, t.rank, t.world_size)
+                           t.device, t.rank, t.world_size, stop=lambda: bool(stop.agreed(t.device)))
+    if losses is None:
+        return None
     p = t.progress
     record = {"iter": p.iter_num, "tokens": p.tokens, "train_loss": losses["train"], "val_loss": losses["val"]}
     if t.master:
@@ -419,6 +423,18 @@ def evaluate(t: Trainer, log: MetricsLog | None) -> tuple[dict, bool]:
     improved = losses["val"] < p.best_val_loss
     p.best_val_loss = min(p.best_val_loss, losses["val"])
     return record, improved
+
+
+def stop_with_checkpoint(t: Trainer, reason: str, start_iter: int) -> None:
+    """Save the run as it stands for a stop request, unless no step was taken since it started."""
+    if t.progress.iter_num == start_iter:
+        if t.master:
+            print(f"{reason}: stopped at step {start_iter}, where the run started; nothing new to save")
+        return
+    t.save()
+    if t.master:
+        print(f"{reason}: saved a checkpoint at step {t.progress.iter_num} in {t.out_dir}; "
+              f"continue with --init_from=resume")
 
 
 def train(t: Trainer) -> dict:
@@ -441,7 +457,11 @@ def train(t: Trainer) -> dict:
         while True:
             # --- evaluation and checkpoint
             if p.iter_num % cfg.eval_interval == 0 or p.iter_num == cfg.max_iters or cfg.eval_only:
-                last_eval, improved = evaluate(t, log)
+                evaluated = evaluate(t, log, stop)
+                if evaluated is None:
+                    stop_with_checkpoint(t, stop.agreed(t.device), start_iter)
+                    break
+                last_eval, improved = evaluated
                 if p.iter_num > start_iter and (improved or cfg.always_save_checkpoint):
                     t.save()
                 t_log = time.perf_counter()  # evaluation time is not training time
@@ -504,10 +524,7 @@ def train(t: Trainer) -> dict:
             # --- preemption: every step alone; under torchrun on log steps, where the loop syncs anyway
             reason = stop.agreed(t.device) if not t.distributed or p.iter_num % cfg.log_interval == 0 else ""
             if reason:
-                t.save()
-                if t.master:
-                    print(f"{reason}: saved a checkpoint at step {p.iter_num} in {t.out_dir}; "
-                          f"continue with --init_from=resume")
+                stop_with_checkpoint(t, reason, start_iter)
                 break
     finally:
         stop.restore()

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,30 @@ def wait_for_line(proc: subprocess.Popen, prefix: str) -> list[str]:
         if line.startswith(prefix):
             return lines
     raise AssertionError(f"process ended before printing {prefix!r}:\n{''.join(lines)}")
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["first-evaluation", "after-steps"])
+def test_sigterm_inside_a_long_evaluation_stops_the_run_within_seconds(tmp_path, resume):
+    """An evaluation of a million batches (hours here) is asked about stop requests between
+    batches: SIGTERM ends it in seconds, saving the steps taken since the run started."""
+    long_eval = ["--eval_iters=1000000", "--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8"]
+    if resume:
+        run_train(tmp_path, "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--lr_decay_iters=8")
+    proc = start_training(tmp_path, *long_eval, *(["--init_from=resume"] if resume else []))
+    wait_for_line(proc, "0.")  # the parameters line ("0.03M parameters, ..."): the loop starts
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and time.monotonic() - start < 20, output
+    if resume:  # steps 2 to 4 ran, then the evaluation at step 4 was stopped
+        assert output.rstrip().endswith(f"received SIGTERM: saved a checkpoint at step 4 in {tmp_path}; continue with "
+                                        "--init_from=resume"), output
+        assert checkpoints(tmp_path)[-1].name == "ckpt_00000004.pt"
+    else:
+        assert output.rstrip().endswith("received SIGTERM: stopped at step 0, where the run started; nothing new to "
+                                        "save"), output
+        assert not checkpoints(tmp_path)
 
 
 def test_only_the_latest_keep_checkpoints_are_kept(tmp_path):
