@@ -37,6 +37,7 @@ class Entry:
     build: Callable[[Any, GPT, str], torch.optim.Optimizer]  # (cfg, model, device_type) -> optimizer
     estimator: str | None = None  # the Hessian estimator it calls every hess_interval steps (Sophia); None: none
     fsdp_refusal: str | None = None  # why FSDP2 cannot shard it, on one line; None: it can
+    state_bytes: float = 8  # its state per parameter, for the memory estimate: two float32 EMAs
 
 
 REGISTRY: dict[str, Entry] = {}
@@ -113,10 +114,11 @@ def estimator_of(cfg: Any) -> str | None:
 
 
 register(Entry("adamw", build_adamw))
-register(Entry("lion", build_lion))
+register(Entry("lion", build_lion, state_bytes=4))  # one EMA
 register(Entry("sophiag", build_sophia, estimator="gnb"))
 register(Entry("sophiah", build_sophia, estimator="hutchinson"))
 register(Entry("muon", build_muon, fsdp_refusal="its Newton-Schulz step needs each whole matrix, which FSDP2 "
                                                 "splits over ranks"))
 register(Entry("soap", build_soap, fsdp_refusal="its preconditioner's eigenbasis needs each whole matrix, which "
-                                                "FSDP2 splits over ranks"))
+                                                "FSDP2 splits over ranks",
+               state_bytes=40))  # two EMAs and d x d factors per matrix side: 39 B per GPT-2 block parameter

@@ -246,9 +246,6 @@ class Trainer:
                 "world_size": self.world_size, "meta": self.meta}, self.cfg.keep_checkpoints)
 
 
-STATE_BYTES = {"lion": 4}  # optimizer state per parameter (float32): Lion keeps one EMA, the others two
-
-
 def check_memory(cfg: Config, meta: dict, dev: str, dtype_name: str, shards: int) -> str:
     """One rank's memory, estimated from the shapes before the model is built, against what the
     device has free (the RAM shared by this machine's ranks on a CPU): the line to print, or
@@ -256,8 +253,8 @@ def check_memory(cfg: Config, meta: dict, dev: str, dtype_name: str, shards: int
     shape = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, **GPT.PRETRAINED.get(cfg.init_from, {})}
     vocab = meta["vocab_size"] if meta.get("tokenizer") == "char" else 50304
     need = training_memory(GPTConfig(**shape, block_size=cfg.block_size, vocab_size=vocab, bias=cfg.bias),
-                           cfg.batch_size, 4 if dtype_name == "float32" else 2, STATE_BYTES.get(cfg.optimizer_name, 8),
-                           shards)
+                           cfg.batch_size, 4 if dtype_name == "float32" else 2,
+                           optimizers.REGISTRY[cfg.optimizer_name].state_bytes, shards)
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dev == "cpu" else 1
     total = ranks * sum(v for k, v in need.items() if k != "params")
     free = free_memory(dev)
