@@ -307,10 +307,10 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     checkpoint = resumed = None
     if cfg.init_from == "resume" or (cfg.init_from == "auto" and checkpoints(out_dir)):
         checkpoint, resumed = load_latest_checkpoint(out_dir)
-        if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only:
-            raise RunFinished(f"{out_dir}: already at step {checkpoint['iter_num']} (max_iters={cfg.max_iters}): "
-                              f"nothing to do; raise --max_iters to continue")
-        if master:
+    finished = checkpoint is not None and checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only
+    talk = master and not finished  # a finished run is checked like any other, then left alone in one line
+    if checkpoint is not None:
+        if talk:
             print(f"resuming from step {checkpoint['iter_num']} of {resumed}")
             was = Config(checkpoint["config"])
             changed = [f"{k} {was[k]} -> {cfg[k]}" for k in ("batch_size", "gradient_accumulation_steps")
@@ -323,7 +323,7 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
             raise UserError(f"checkpoint in {out_dir} was trained on dataset {checkpoint['config']['dataset']!r}, not "
                             f"{cfg.dataset!r}; resume with --dataset={checkpoint['config']['dataset']}, or use a new --out_dir")
     memory = check_memory(cfg, meta, dev, dtype_name, world_size if sharded else 1)  # before the model is built
-    if master:
+    if talk:
         print(memory)
     model, model_args = model_to_train(cfg, out_dir, meta, checkpoint)
     for split in ("train", "val"):
@@ -339,6 +339,9 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     if checkpoint is not None and checkpoint["config"]["optimizer_name"] != cfg.optimizer_name:
         raise UserError(f"checkpoint in {out_dir} was trained with {checkpoint['config']['optimizer_name']}, "
                         f"not {cfg.optimizer_name}; resume with the same optimizer_name or use a new --out_dir")
+    if finished:
+        raise RunFinished(f"{out_dir}: already at step {checkpoint['iter_num']} (max_iters={cfg.max_iters}): "
+                          f"nothing to do; raise --max_iters to continue")
     lock = None
     if master:  # every check has passed: from here on this run owns out_dir
         lock = RunLock(writable_dir(out_dir, "--out_dir"))
