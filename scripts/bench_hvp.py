@@ -26,6 +26,7 @@ bfloat16 alone costs); the exact "rel" row is the rel estimator without finite d
 
 import argparse
 import contextlib
+import functools
 import platform
 import time
 from pathlib import Path
@@ -94,12 +95,19 @@ def fd_product(method: str, model: GPT, params, batch, u, steps, autocast) -> li
 
 
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.double().reshape(-1) for t in tensors])
+    return torch.cat([t.float().reshape(-1) for t in tensors])
+
+
+def ema(h: torch.Tensor | None, estimate: torch.Tensor) -> torch.Tensor:
+    """Sophia's EMA of the estimates, from h = 0."""
+    return (1 - BETA2) * estimate if h is None else h.mul_(BETA2).add_(estimate, alpha=1 - BETA2)
 
 
 def compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
-    """(relative error, cosine similarity) in float64."""
-    return ((got - want).norm() / want.norm()).item(), torch.nn.functional.cosine_similarity(got, want, dim=0).item()
+    """(relative error, cosine similarity), the sums in float64."""
+    norm = functools.partial(torch.linalg.vector_norm, dtype=torch.float64)
+    dot = torch.dot(got.double(), want.double())
+    return (norm(got - want) / norm(want)).item(), (dot / (norm(got) * norm(want))).item()
 
 
 def sweep(name: str, args) -> list[dict]:
@@ -107,7 +115,8 @@ def sweep(name: str, args) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     rms = [p.detach().pow(2).mean().sqrt().item() for p in params]
     f32, bf16 = contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)
-    rows = {}  # (method, dtype, mode, eps) -> the Hu comparisons and the EMAs of u * Hu
+    rows = {}  # (method, dtype, mode, eps) -> the Hu comparisons and the EMA of u * Hu
+    h_exact = {}  # mode -> the EMA of u * (exact Hu)
     generator = torch.Generator().manual_seed(args.seed + 1)
     started = time.perf_counter()
     for refresh in range(args.refreshes):
@@ -118,8 +127,12 @@ def sweep(name: str, args) -> list[dict]:
             scaled = hessian_vector_product(model, params, batch, [r * v for r, v in zip(rms, u)])
             exact["rel"] = [hv / r for hv, r in zip(scaled, rms)]
             cases.append(("exact", "fp32", "rel", None, lambda: exact["rel"]))
+        for mode, product in exact.items():
+            h_exact[mode] = ema(h_exact.get(mode), flat(u) * flat(product))
         for method in args.methods:
             for dtype, autocast in (("fp32", f32), ("bf16", bf16)):
+                if dtype not in args.autocast:
+                    continue
                 for mode, grid in (("abs", args.abs), ("rel", args.rel)):
                     for eps in grid:
                         steps = [eps] * len(params) if mode == "abs" else [eps * r for r in rms]
@@ -127,10 +140,10 @@ def sweep(name: str, args) -> list[dict]:
                                       fd_product(m, model, params, batch, u, s, a)))
         for method, dtype, mode, eps, product in cases:
             hu = product()
-            row = rows.setdefault((method, dtype, mode, eps), {"hu": [], "h": 0.0, "h_exact": 0.0, "h_abs": 0.0})
+            row = rows.setdefault((method, dtype, mode, eps), {"hu": [], "h": None})
             row["hu"].append(compare(flat(hu), flat(exact[mode])))
-            for key, product in (("h", hu), ("h_exact", exact[mode]), ("h_abs", exact["abs"])):
-                row[key] = BETA2 * row[key] + (1 - BETA2) * flat(u) * flat(product)
+            row["h"] = ema(row["h"], flat(u) * flat(hu))
+            del hu
         print(f"{name}: refresh {refresh + 1}/{args.refreshes} done after {time.perf_counter() - started:.0f} s",
               flush=True)
     table = []
@@ -138,7 +151,7 @@ def sweep(name: str, args) -> list[dict]:
         n = len(row["hu"])
         table.append(dict(model=name, method=method, dtype=dtype, mode=mode, eps=eps,
                           hu_err=sum(e for e, _ in row["hu"]) / n, hu_cos=sum(c for _, c in row["hu"]) / n,
-                          h=compare(row["h"], row["h_exact"]), h_abs=compare(row["h"], row["h_abs"])))
+                          h=compare(row["h"], h_exact[mode]), h_abs=compare(row["h"], h_exact["abs"])))
     return table
 
 
@@ -160,13 +173,14 @@ def main() -> None:
                         help="comma-separated: central, forward, richardson")
     parser.add_argument("--abs", default="1e-2,3e-3,1e-3,3e-4,1e-4,1e-5", help="absolute steps")
     parser.add_argument("--rel", default="3e-1,1e-1,3e-2,1e-2,1e-3,1e-4", help="steps relative to each tensor's RMS")
+    parser.add_argument("--autocast", default="fp32,bf16", help="comma-separated: fp32 (none), bf16")
     parser.add_argument("--refreshes", type=int, default=10)
     parser.add_argument("--train_steps", type=int, default=300, help="AdamW steps before measuring (quick model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     args = parser.parse_args()
-    args.methods = args.methods.split(",")
+    args.methods, args.autocast = args.methods.split(","), args.autocast.split(",")
     args.abs, args.rel = ([float(v) for v in s.split(",") if v] for s in (args.abs, args.rel))
     torch.set_num_threads(args.threads)
     table = [row for name in args.models.split(",") for row in sweep(name, args)]
