@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 # and for ablations the empirical Fisher (GNB with the data's labels instead of sampled ones)
 # and AdaHessian's (the square root of an EMA of squared Hutchinson estimates).
 ESTIMATORS = ("gnb", "hutchinson", "empirical_fisher", "adahessian")
-SECOND_ORDER = ("hutchinson", "adahessian")  # need a Hessian-vector product (double backward)
+SECOND_ORDER = ("hutchinson", "adahessian")  # need a Hessian-vector product
+# How they compute it: a central difference of two ordinary gradients of the training model, or
+# the exact double backward through the eager module (the reference).
+HESSIAN_VECTOR_PRODUCTS = ("finite_difference", "exact")
 SOPHIA_IMPLEMENTATIONS = ("foreach", "compiled")  # sophia.IMPLEMENTATIONS, named here without importing torch
 
 

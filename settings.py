@@ -16,7 +16,7 @@ from typing import Any
 
 import configurator
 from errors import UserError
-from optimizers import ESTIMATORS, REGISTRY, SECOND_ORDER, SOPHIA_IMPLEMENTATIONS, estimator_of
+from optimizers import ESTIMATORS, HESSIAN_VECTOR_PRODUCTS, REGISTRY, SECOND_ORDER, SOPHIA_IMPLEMENTATIONS, estimator_of
 
 # ----------------------------------------------------------------------------- defaults
 # GPT-2 small (124M) on OpenWebText with AdamW, batch 480 x 1024 tokens (paper Table 2).
@@ -61,6 +61,7 @@ hess_interval = 10  # Sophia only (others ignore it): steps between Hessian esti
 hess_batch_size = 240  # Sophia only (others ignore it): sequences in each Hessian estimate, over all ranks
 optimizer_impl = "auto"  # Sophia's update: 'auto' (compiled when compile=True, else foreach), 'foreach', 'compiled'
 hess_estimator = "auto"  # Sophia's estimator: 'auto' (sophiag: 'gnb', sophiah: 'hutchinson'); ablations: 'empirical_fisher', 'adahessian'
+hessian_vector_product = "finite_difference"  # Hutchinson/adahessian: 'finite_difference' (2 passes of the training model) or 'exact'
 sophia_clip = True  # Sophia's per-coordinate clip to [-1, 1]; False only for the no-clipping ablation
 # learning rate schedule
 decay_lr = True  # linear warmup then lr_schedule's decay; False keeps learning_rate constant
@@ -146,11 +147,14 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.fsdp and entry.fsdp_refusal:
         raise UserError(f"fsdp=True does not work with optimizer_name={cfg.optimizer_name!r}: {entry.fsdp_refusal}; "
                         f"use DDP (--fsdp=False)")
-    if cfg.fsdp and sophia and estimator_of(cfg) in SECOND_ORDER:
-        raise UserError(f"fsdp=True does not work with optimizer_name={cfg.optimizer_name!r} and the "
-                        f"{estimator_of(cfg)} estimator: its Hessian-vector product differentiates twice with "
-                        "respect to the parameters, which FSDP2 replaces by gathered copies during the forward; "
-                        "use --optimizer_name=sophiag, or DDP (--fsdp=False)")
+    if cfg.hessian_vector_product not in HESSIAN_VECTOR_PRODUCTS:
+        raise UserError(f"hessian_vector_product={cfg.hessian_vector_product!r} is unknown; choose one of "
+                        f"{', '.join(HESSIAN_VECTOR_PRODUCTS)}")
+    if cfg.fsdp and sophia and estimator_of(cfg) in SECOND_ORDER and cfg.hessian_vector_product == "exact":
+        raise UserError(f"fsdp=True does not work with hessian_vector_product='exact' (the {estimator_of(cfg)} "
+                        "estimator): it differentiates twice with respect to the parameters, which FSDP2 replaces "
+                        "by gathered copies during the forward; use --hessian_vector_product=finite_difference, "
+                        "or DDP (--fsdp=False)")
     if sophia:
         local_accum = cfg.gradient_accumulation_steps // world_size
         if cfg.hess_batch_size <= 0 or cfg.hess_batch_size % world_size:

@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.optimizer import ParamsT
 
-__all__ = ["FD_EPSILON", "IMPLEMENTATIONS", "Sophia", "SophiaG", "SophiaH", "fd_hessian_vector_product", "gnb_hessian",
+__all__ = ["FD_EPSILON", "FD_EPSILON_AUTOCAST", "IMPLEMENTATIONS", "Sophia", "SophiaG", "SophiaH", "fd_hessian_vector_product", "gnb_hessian",
            "hessian_vector_product", "hutchinson_fd_hessian", "hutchinson_hessian", "math_attention", "sample_labels"]
 
 IMPLEMENTATIONS = ("foreach", "compiled")
@@ -522,13 +522,15 @@ def hessian_vector_product(model: Callable, params: list[Tensor], batches: list[
     return [hv / loss_scale for hv in hvp]
 
 
-# The finite-difference step, as measured against the exact product (docs/benchmarks.md).
-FD_EPSILON = 1e-4
+# The finite-difference steps, measured against the exact product (docs/benchmarks.md): the
+# error is truncation, O(eps^2), above them and rounding of the two gradients below them.
+FD_EPSILON = 3e-5  # float32
+FD_EPSILON_AUTOCAST = 3e-4  # a bfloat16 (or float16) forward: its rounding needs a larger step
 
 
 def hutchinson_fd_hessian(model: Callable, params: list[Tensor], batches: list[tuple[Tensor, Tensor]],
                           generator: torch.Generator, autocast: contextlib.AbstractContextManager | None = None,
-                          loss_scale: float = 1.0, *, epsilon: float = FD_EPSILON,
+                          loss_scale: float = 1.0, *, epsilon: float | None = None,
                           grad_sync: Callable[[bool], None] | None = None) -> list[Tensor | None]:
     """Hutchinson estimate (paper Algorithm 1) as `hutchinson_hessian`, h_hat = u * (H u), with
     H u by central difference (`fd_hessian_vector_product`): two ordinary forward and backward
@@ -536,7 +538,12 @@ def hutchinson_fd_hessian(model: Callable, params: list[Tensor], batches: list[t
     `generator` must be seeded identically on every rank: each rank draws u for the whole of
     each parameter and keeps its own shard (FSDP2), so u is shared and, for plain tensors,
     the same draw as `hutchinson_hessian`'s. Parameters without a gradient get None.
+    `epsilon` None: FD_EPSILON_AUTOCAST under a torch.autocast context or for parameters
+    below float32, else FD_EPSILON.
     """
+    if epsilon is None:
+        reduced = isinstance(autocast, torch.autocast) or any(torch.finfo(p.dtype).bits < 32 for p in params)
+        epsilon = FD_EPSILON_AUTOCAST if reduced else FD_EPSILON
     u = [_shared_normal(p, generator) for p in params]
     hvp = fd_hessian_vector_product(model, params, batches, u, epsilon, autocast, loss_scale, grad_sync=grad_sync)
     return [None if hv is None else hv.mul_(v) for v, hv in zip(u, hvp)]

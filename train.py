@@ -40,7 +40,7 @@ from optimizers import SECOND_ORDER, estimator_of
 from runtime import (ROOT, DeviceTimer, RunLock, StopRequests, autocast, free_memory, pick_device, pick_dtype, set_grad_sync,
                      shard_model, writable_dir)
 from settings import Config, resolve, wsd_decay_start
-from sophia import Sophia, gnb_hessian, hutchinson_hessian
+from sophia import Sophia, gnb_hessian, hutchinson_fd_hessian, hutchinson_hessian
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -78,17 +78,20 @@ def get_lr(cfg: Config, it: int) -> float:
 class HessianEstimator:
     """Sophia's estimator pass: takes this rank's share of the step's first `hess_batch_size`
     sequences, cut into equal chunks of at most batch_size sequences (one shape, so a compiled
-    model compiles it once), calls gnb_hessian or hutchinson_hessian (see optimizers.ESTIMATORS), and
-    folds the result into the optimizer."""
+    model compiles it once), calls gnb_hessian, hutchinson_fd_hessian or hutchinson_hessian (see
+    optimizers.ESTIMATORS and hessian_vector_product), and folds the result into the optimizer."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, eager_model: torch.nn.Module,
                  optimizer: Sophia, rank: int, world_size: int, autocast, loss_scale, device: str):
         self.optimizer, self.rank, self.world_size = optimizer, rank, world_size
-        # GNB goes through the training model (compiled, DDP-wrapped: it averages g_hat over
-        # ranks). Hutchinson needs a double backward, which neither torch.compile nor DDP
-        # supports: the eager module, with H u all-reduced by hand.
+        # GNB and the finite-difference Hessian-vector product go through the training model
+        # (compiled, flash attention, DDP- or FSDP2-wrapped: it averages the gradients over
+        # ranks). The exact product needs a double backward, which neither torch.compile nor
+        # DDP supports: the eager module, with H u all-reduced by hand.
         self.method = estimator_of(cfg)
-        self.model = eager_model if self.method in SECOND_ORDER else model
+        self.exact = self.method in SECOND_ORDER and cfg.hessian_vector_product == "exact"
+        self.model = eager_model if self.exact else model
+        self.grad_sync = functools.partial(set_grad_sync, self.model)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.autocast, self.loss_scale = autocast, loss_scale
         self.local_sequences = cfg.hess_batch_size // world_size
@@ -109,15 +112,17 @@ class HessianEstimator:
         x, y = (torch.cat(t)[:self.local_sequences] for t in zip(*needed))
         chunks = list(zip(x.split(self.chunk), y.split(self.chunk)))
         scale = self.loss_scale()
-        if self.method in SECOND_ORDER:
+        if self.exact:
             h_hat = hutchinson_hessian(self.model, self.params, chunks, self.generator, self.autocast, scale)
-            if self.method == "adahessian":
-                h_hat = [h * h for h in h_hat]
+        elif self.method in SECOND_ORDER:
+            h_hat = hutchinson_fd_hessian(self.model, self.params, chunks, self.generator, self.autocast, scale,
+                                          grad_sync=self.grad_sync)
         else:
             targets = [y for _, y in chunks] if self.method == "empirical_fisher" else None
             h_hat = gnb_hessian(self.model, self.params, [x for x, _ in chunks], self.generator, self.rank,
-                                self.world_size, self.autocast, scale, targets=targets,
-                                grad_sync=functools.partial(set_grad_sync, self.model))
+                                self.world_size, self.autocast, scale, targets=targets, grad_sync=self.grad_sync)
+        if self.method == "adahessian":
+            h_hat = [None if h is None else h * h for h in h_hat]
         self.optimizer.update_hessian(h_hat)
 
 
@@ -202,7 +207,7 @@ class Trainer:
     def mfu_tokens_per_iter(self) -> float:
         """Tokens per step that MFU counts at the model's training FLOPs each: the step's, and
         the estimator's averaged over hess_interval (GNB is a forward and backward: one token
-        each; Hutchinson's double backward about twice that)."""
+        each; Hutchinson's two, by finite differences, or a double backward of about that cost)."""
         cfg = self.cfg
         tokens = tokens_per_step(cfg)
         if self.estimator is None:
