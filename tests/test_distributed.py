@@ -55,7 +55,7 @@ OPTIMIZERS = {
     "sophiag": ["--optimizer_name=sophiag"],
     "sophiah": ["--optimizer_name=sophiah", "--rho=0.01"],
 }
-FSDP_OPTIMIZERS = ["adamw", "lion", "sophiag"]  # Sophia-H, Muon and SOAP are refused under FSDP2
+FSDP_OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]  # Muon and SOAP are refused under FSDP2
 # 2 micro-steps per rank (4 in one process): the gradient all-reduce / reduce-scatter skipped on
 # the first (DDP no_sync, FSDP2 set_requires_gradient_sync), the estimator over 2 micro-batches.
 ACCUMULATE = ["--gradient_accumulation_steps=4", "--hess_batch_size=16", *OPTIMIZERS["sophiag"]]
@@ -372,19 +372,19 @@ def test_ddp_checkpoint_resumes_sharded(two_ranks, resumed):
     assert again.result == pytest.approx(full.result, rel=1e-5)
 
 
-def test_sophiah_with_fsdp_is_refused_at_startup_with_one_line(tmp_path):
+def test_sophiah_with_the_exact_hessian_vector_product_and_fsdp_is_refused_at_startup_with_one_line(tmp_path):
     """As launched by torchrun (rank 0 of 2): validate() refuses before init_process_group,
-    which would otherwise wait for rank 1. Hutchinson differentiates twice with respect to
-    the parameters, which FSDP2 swaps for gathered copies during the forward."""
+    which would otherwise wait for rank 1. The exact product differentiates twice with respect
+    to the parameters, which FSDP2 swaps for gathered copies during the forward."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "train.py", *TINY, f"--out_dir={tmp_path}", "--fsdp=True",
-                             *OPTIMIZERS["sophiah"]],
+                             *OPTIMIZERS["sophiah"], "--hessian_vector_product=exact"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: fsdp=True does not work with optimizer_name='sophiah'")
-    assert "--optimizer_name=sophiag" in result.stderr and "--fsdp=False" in result.stderr
+    assert result.stderr.startswith("error: fsdp=True does not work with hessian_vector_product='exact'")
+    assert "--hessian_vector_product=finite_difference" in result.stderr and "--fsdp=False" in result.stderr
     assert not list(tmp_path.iterdir())
 
 

@@ -141,16 +141,18 @@ def test_every_optimizer_lowers_the_loss(twenty_step_run):
 @pytest.mark.parametrize("args, called, options", [
     (["--optimizer_name=sophiag", "--hess_estimator=empirical_fisher"], "gnb_hessian with the data's labels",
      {"clip": True, "sqrt_hessian": False}),
-    (["--optimizer_name=sophiah", "--rho=0.01", "--hess_estimator=adahessian"], "hutchinson_hessian",
+    (["--optimizer_name=sophiah", "--rho=0.01", "--hess_estimator=adahessian"], "hutchinson_fd_hessian",
      {"clip": True, "sqrt_hessian": True}),
+    (["--optimizer_name=sophiah", "--rho=0.01", "--hess_estimator=adahessian", "--hessian_vector_product=exact"],
+     "hutchinson_hessian", {"clip": True, "sqrt_hessian": True}),
     (["--optimizer_name=sophiag", "--sophia_clip=False", "--hess_interval=2"],
      "gnb_hessian with sampled labels", {"clip": False, "sqrt_hessian": False}),
-], ids=["empirical-fisher", "adahessian", "no-clip"])
+], ids=["empirical-fisher", "adahessian", "adahessian-exact", "no-clip"])
 def test_sophia_ablations_use_their_estimator_and_update_rule(tmp_path, monkeypatch, args, called, options):
     """Without the clip the run diverges here (m / (rho h) is huge wherever h is still ~0),
     as the paper reports for k > 2; the clipped variants learn."""
     calls = []
-    gnb, hutchinson = train.gnb_hessian, train.hutchinson_hessian
+    gnb, hutchinson, hutchinson_fd = train.gnb_hessian, train.hutchinson_hessian, train.hutchinson_fd_hessian
 
     def gnb_spy(*a, targets=None, **kw):
         calls.append("gnb_hessian with " + ("sampled labels" if targets is None else "the data's labels"))
@@ -160,8 +162,13 @@ def test_sophia_ablations_use_their_estimator_and_update_rule(tmp_path, monkeypa
         calls.append("hutchinson_hessian")
         return hutchinson(*a, **kw)
 
+    def hutchinson_fd_spy(*a, **kw):
+        calls.append("hutchinson_fd_hessian")
+        return hutchinson_fd(*a, **kw)
+
     monkeypatch.setattr(train, "gnb_hessian", gnb_spy)
     monkeypatch.setattr(train, "hutchinson_hessian", hutchinson_spy)
+    monkeypatch.setattr(train, "hutchinson_fd_hessian", hutchinson_fd_spy)
     run = run_train(tmp_path, *TWENTY_STEPS, *args)
     evals = run.records("eval")
     if options["clip"]:
@@ -442,6 +449,8 @@ cuda_missing = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
                  id="unknown-estimator"),
     pytest.param(["--hess_estimator=gnb"], ["for Sophia", "--optimizer_name=sophiag"], id="estimator-without-sophia"),
     pytest.param(["--optimizer_impl=fast"], ["optimizer_impl='fast'", "foreach, compiled"], id="unknown-optimizer-impl"),
+    pytest.param(["--hessian_vector_product=forward"], ["hessian_vector_product='forward'", "finite_difference, exact"],
+                 id="unknown-hessian-vector-product"),
     pytest.param(["--dataset=_no_such_dataset"], ["'_no_such_dataset' not found", "shakespeare_char"],
                  id="unknown-dataset"),
     pytest.param(["--device=cuda"], ["no CUDA GPU", "--device=cpu"], id="cuda-without-gpu", marks=cuda_missing),
