@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.optimizer import ParamsT
@@ -573,6 +574,13 @@ def fd_hessian_vector_product(model: Callable, params: list[Tensor], batches: li
     steps = [float(epsilon)] * len(params) if isinstance(epsilon, (int, float)) else [float(e) for e in epsilon]
     if len(steps) != len(params) or not all(e > 0 for e in steps):
         raise ValueError(f"epsilon must be one positive float or one per parameter ({len(params)}), not {epsilon!r}")
+    if isinstance(model, torch.nn.Module):
+        for module in model.modules():
+            # FSDP2 keeps a root's gathered parameters after a forward without backward (an
+            # evaluation), and its next forward would use them: the perturbation of the shards
+            # must be gathered.
+            if isinstance(module, FSDPModule):
+                module.reshard()
     with torch.no_grad():
         local = [_local(p.detach()) for p in params]
         saved = [t.clone() for t in local]

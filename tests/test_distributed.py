@@ -220,7 +220,7 @@ def test_ddp_on_two_ranks_matches_one_process_with_two_accumulation_steps(single
     """The same global batches, split over ranks instead of micro-steps, give the same model
     and optimizer state (m, v, and Sophia's Hessian EMA after 4 estimates: GNB draws the
     uniforms of the global batch on every rank and slices them, Hutchinson shares u and
-    all-reduces H u)."""
+    DDP averages each of its two finite-difference passes)."""
     one, ddp = single[name].checkpoint(), two_ranks[f"ddp-{name}"].checkpoint()
     assert one["iter_num"] == ddp["iter_num"] == 12 and (one["world_size"], ddp["world_size"]) == (1, WORLD)
     assert_state_close(one["model"], ddp["model"], "model", **DDP_TOL)
