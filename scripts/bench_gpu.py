@@ -1,5 +1,6 @@
 """The GPU benchmark (`--what gpu` of scripts/bench_optimizer.py): three train.py
-runs of GPT-2 small (AdamW, Sophia-G, Sophia-H; compile, bf16) on synthetic tokens and the
+runs of GPT-2 small (AdamW, Sophia-G, Sophia-H with train.py's finite-difference Hessian-vector
+product through the compiled model; compile, bf16) on synthetic tokens and the
 optimizer step on GPT-2 small and medium shapes, within one time budget, written up as a
 Markdown report that marks each of the GPU targets met or missed.
 
