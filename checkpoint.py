@@ -1,5 +1,5 @@
 """Checkpoints: atomic, self-verifying writes, reading the latest good one, pruning, RNG state,
-and FSDP2's full state dicts.
+FSDP2's full state dicts, and loading a trained model (or GPT-2's weights) to run.
 
 A checkpoint out_dir/ckpt_<step>.pt is one torch.save'd dict: the model and optimizer state
 dicts (always unsharded, so a sharded run resumes unsharded and back), the training progress,
@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from errors import UserError
 from model import GPT, GPTConfig
-from runtime import UserError, no_space
-from tokenizer import check_meta
+from paths import no_space
+from tokenizer import check_meta, gpt2_encoding, load_tokenizer
 
 REQUIRED = ("model", "optimizer", "scaler", "model_args", "iter_num", "tokens", "best_val_loss", "config", "meta")
 
@@ -211,39 +213,20 @@ def load_trained_model(out_dir: str | Path) -> tuple[GPT, dict]:
     return model.eval(), meta
 
 
-def model_to_train(cfg, out_dir: Path, meta: dict, checkpoint: dict | None) -> tuple[GPT, dict]:
-    """The model a training run starts from and its GPTConfig arguments: the checkpoint's (whose
-    shape must be the config's), GPT-2's weights (init_from='gpt2*'), or a fresh one. `cfg` is
-    train.py's config (attribute access)."""
-    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                      bias=cfg.bias, vocab_size=None, dropout=cfg.dropout,
-                      scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx)
-    if checkpoint is not None:
-        saved = checkpoint["model_args"]
-        changed = {k: (saved[k], model_args[k]) for k in model_args
-                   if k not in ("vocab_size", "dropout") and saved.get(k) != model_args[k]}
-        if changed:
-            k, (a, b) = next(iter(changed.items()))
-            raise UserError(f"checkpoint in {out_dir} has {k}={a!r} but the config asks for {b!r}; resume with the "
-                            f"config the run was started with, or use a new --out_dir")
-        model_args = {**saved, "dropout": cfg.dropout}  # dropout may change between runs
-        model = GPT(GPTConfig(**model_args))
+def load_model(cfg: dict) -> tuple[GPT, Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """A model to run, not train, and its tokenizer's (encode, decode): the latest checkpoint in
+    cfg's out_dir (init_from='resume', the tokenizer of its dataset), or OpenAI's GPT-2 weights
+    (init_from='gpt2*', GPT-2's BPE)."""
+    if cfg["init_from"] != "resume":
         try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint in {out_dir} does not fit the model ({str(e).splitlines()[0]}); "
-                            f"use a new --out_dir") from e
-        return model, model_args
-    if cfg.init_from.startswith("gpt2"):
-        try:
-            model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
-        except (ImportError, OSError) as e:  # no transformers, or the weights cannot be fetched
-            raise UserError(f"init_from={cfg.init_from!r}: cannot load the GPT-2 weights ({e})") from e
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)
-        return model, {k: getattr(model.config, k) for k in model_args}
-    model_args["vocab_size"] = meta.get("vocab_size", 50304) if meta.get("tokenizer") == "char" else 50304
-    return GPT(GPTConfig(**model_args)), model_args
+            model = GPT.from_pretrained(cfg["init_from"])
+        except (ImportError, OSError, ValueError) as e:
+            raise UserError(f"init_from={cfg['init_from']!r}: cannot load GPT-2 weights ({e})") from e
+        enc = gpt2_encoding()
+        return model, lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode
+    model, meta = load_trained_model(cfg["out_dir"])
+    encode, decode = load_tokenizer(meta)
+    return model, encode, decode
 
 
 # ----------------------------------------------------------------------------- RNG state

@@ -104,6 +104,17 @@ def parse_value(raw: str, default: Any) -> Any:
     return value
 
 
+def comma_list(text: str, kind: type, what: str) -> list:
+    """The values of a comma list option (`what`, e.g. "--seeds") as `kind`; empty items skipped."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what}={text!r}: expected a comma list of {kind.__name__}s") from None
+    if not values:
+        raise UserError(f"{what} is empty")
+    return values
+
+
 def unknown_key_error(key: str, known: list[str], origin: str) -> UserError:
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "see --help for every key"

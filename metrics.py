@@ -15,10 +15,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-import torch.distributed as dist
-
-from runtime import UserError, no_space
+from errors import UserError
+from paths import no_space
 
 
 class MetricsLog:
@@ -54,6 +52,28 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
+def log_window(log: MetricsLog | None, record: dict, window: dict) -> None:
+    """Rank 0 (the rank with a log): a "skipped" record and console line per skipped step of
+    the window (StepWindow.close's summary), then its train record and console line, which
+    shows the record's fields it has (mfu, Sophia's win rate and |h|)."""
+    if log is None:
+        return
+    for it, in_a_row in window["skipped"]:
+        print(f"iter {it}: non-finite loss or gradient, step skipped ({in_a_row} in a row)")
+        log({"kind": "skipped", "iter": it, "in_a_row": in_a_row})
+    loss = f"{record['loss']:.4f}" if record["loss"] is not None else f"n/a (all {window['steps']} steps skipped)"
+    line = f"iter {record['iter']}: loss {loss}, time {record['time_ms']:.2f}ms"
+    if "mfu" in record:
+        line += f", mfu {record['mfu'] * 100:.2f}%"
+    line += f", lr {record['lr']:.2e}, tok/s {record['tokens_per_s']:,.0f}"
+    if "win_rate" in record:
+        line += f", win {record['win_rate']:.3f}"
+    if "hessian_norm" in record:
+        line += f", |h| {record['hessian_norm']:.3g}"
+    print(line)
+    log(record)
+
+
 def repair(path: Path) -> None:
     """Cut a torn last line (one without its newline: a write cut by a kill or a full disk) off
     a metrics.jsonl before appending to it, saying so in one line; a complete record that only
@@ -70,49 +90,6 @@ def repair(path: Path) -> None:
             return
         f.truncate(len(data) - len(tail))
     print(f"{path}: cut off a torn last line ({len(tail)} bytes, a record cut short by an interrupted write)")
-
-
-class StepWindow:
-    """The steps since the last log line, summed on the device as they happen (the loop never
-    waits for them) and read once, at the log line."""
-
-    def __init__(self, device: str, grad_clip: float):
-        self.device, self.grad_clip = device, grad_clip
-        self.bad_in_a_row = 0  # consecutive skipped steps, carried across windows
-        self.skipped_total = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.clipped = torch.zeros((), device=self.device)
-        self.applied: list[torch.Tensor] = []
-
-    def add(self, loss: torch.Tensor, norm: torch.Tensor, applied: torch.Tensor) -> None:
-        """One step's results from train_step; `applied` is 1.0 or 0.0 (skipped)."""
-        self.applied.append(applied)
-        self.loss_sum += torch.where(applied > 0, loss, 0.0)
-        if self.grad_clip > 0:
-            self.clipped += (norm > self.grad_clip).float() * applied
-        self.norm = norm
-
-    def close(self, last_iter: int, distributed: bool) -> dict:
-        """Read the window (the host sync) and start the next: the mean loss over the applied
-        steps (None when all were skipped; averaged over ranks), the last gradient norm, the
-        clipping frequency, and each skipped step as (iter, how many in a row up to it)."""
-        if distributed:
-            dist.all_reduce(self.loss_sum, op=dist.ReduceOp.AVG)
-        flags = torch.stack(self.applied).tolist()
-        applied = sum(flags)
-        skipped = []
-        for it, flag in enumerate(flags, last_iter - len(flags) + 1):
-            self.bad_in_a_row = 0 if flag else self.bad_in_a_row + 1
-            if not flag:
-                skipped.append((it, self.bad_in_a_row))
-        self.skipped_total += len(skipped)
-        summary = dict(loss=self.loss_sum.item() / applied if applied else None, grad_norm=self.norm.item(),
-                       clip_frac=self.clipped.item() / max(1, applied), steps=len(flags), skipped=skipped)
-        self._reset()
-        return summary
 
 
 def record_of(line: str) -> dict | None:

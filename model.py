@@ -10,10 +10,13 @@ import math
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from errors import UserError
 
 
 def hf_progress_bars_on_terminal_only() -> None:
@@ -315,3 +318,37 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
         return 756e12
     return next((v for k, v in PEAK_FLOPS.items() if re.search(rf"\b{k}\b", name)), FALLBACK_PEAK_FLOPS)
 
+
+def model_to_train(cfg, out_dir: Path, meta: dict, checkpoint: dict | None) -> tuple[GPT, dict]:
+    """The model a training run starts from and its GPTConfig arguments: the checkpoint's (whose
+    shape must be the config's), GPT-2's weights (init_from='gpt2*'), or a fresh one. `cfg` is
+    train.py's config (attribute access)."""
+    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                      bias=cfg.bias, vocab_size=None, dropout=cfg.dropout,
+                      scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx)
+    if checkpoint is not None:
+        saved = checkpoint["model_args"]
+        changed = {k: (saved[k], model_args[k]) for k in model_args
+                   if k not in ("vocab_size", "dropout") and saved.get(k) != model_args[k]}
+        if changed:
+            k, (a, b) = next(iter(changed.items()))
+            raise UserError(f"checkpoint in {out_dir} has {k}={a!r} but the config asks for {b!r}; resume with the "
+                            f"config the run was started with, or use a new --out_dir")
+        model_args = {**saved, "dropout": cfg.dropout}  # dropout may change between runs
+        model = GPT(GPTConfig(**model_args))
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint in {out_dir} does not fit the model ({str(e).splitlines()[0]}); "
+                            f"use a new --out_dir") from e
+        return model, model_args
+    if cfg.init_from.startswith("gpt2"):
+        try:
+            model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
+        except (ImportError, OSError) as e:  # no transformers, or the weights cannot be fetched
+            raise UserError(f"init_from={cfg.init_from!r}: cannot load the GPT-2 weights ({e})") from e
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        return model, {k: getattr(model.config, k) for k in model_args}
+    model_args["vocab_size"] = meta.get("vocab_size", 50304) if meta.get("tokenizer") == "char" else 50304
+    return GPT(GPTConfig(**model_args)), model_args

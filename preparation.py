@@ -1,6 +1,6 @@
 """What the corpus preparations (data/openwebtext, data/fineweb_edu) share: their output folder
 (checked, locked, cleared of a killed run's temporary files), local input files, GPT-2
-tokenizing, and datasets' logging and progress bars kept out of logs. Their errors are runtime.UserError: one line, exit status 2.
+tokenizing, and datasets' logging and progress bars kept out of logs. Their errors are errors.UserError: one line, exit status 2.
 """
 
 import glob
@@ -13,7 +13,9 @@ from pathlib import Path
 import datasets
 
 from dataset import TEMPORARY_NAME
-from runtime import RunLock, UserError, writable_dir
+from errors import UserError
+from lifecycle import RunLock
+from paths import writable_dir
 from tokenizer import gpt2_encoding
 
 DEFAULT_NUM_PROC = max(1, min(8, (os.cpu_count() or 2) // 2))

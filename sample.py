@@ -7,16 +7,14 @@ GPT-2 BPE); GPT-2 weights use GPT-2's BPE. Keys as in train.py: --help lists the
 """
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import configurator
-from checkpoint import load_trained_model
-from model import GPT
-from runtime import UserError, exit_on_user_error, placement
-from tokenizer import gpt2_encoding, load_tokenizer
+from checkpoint import load_model
+from devices import placement
+from errors import UserError, exit_on_user_error
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir) or 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
 out_dir = "out-shakespeare-char"  # the training run to sample from
@@ -29,20 +27,6 @@ seed = 1337  # the sampling seed
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU), or explicit
 DEFAULTS = {k: globals()[k] for k in configurator.config_keys(dict(globals()))}
-
-
-def load_model(cfg: dict) -> tuple[GPT, Callable[[str], list[int]], Callable[[list[int]], str]]:
-    """The model and its (encode, decode) pair."""
-    if cfg["init_from"] != "resume":
-        try:
-            model = GPT.from_pretrained(cfg["init_from"])
-        except (ImportError, OSError, ValueError) as e:
-            raise UserError(f"init_from={cfg['init_from']!r}: cannot load GPT-2 weights ({e})") from e
-        enc = gpt2_encoding()
-        return model, lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode
-    model, meta = load_trained_model(cfg["out_dir"])
-    encode, decode = load_tokenizer(meta)
-    return model, encode, decode
 
 
 @exit_on_user_error

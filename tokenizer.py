@@ -14,7 +14,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
 
-from runtime import UserError
+from errors import UserError
 
 GPT2_DIR = Path(__file__).resolve().parent / "data" / "gpt2"
 # The sha256 sums tiktoken itself pins for OpenAI's copies of these two files.

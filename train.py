@@ -10,7 +10,7 @@ Every optimizer runs through the same step (loss / accumulation steps, gradient 
 LR schedule, data order); Sophia adds one call of its Hessian estimator every
 `hess_interval` steps, just before the step, on the first `hess_batch_size` sequences of
 that step's batch (paper Algorithm 3: h_t is estimated at theta_t and used at step t).
-The file reads top-down: the schedule, the estimator, the step, setup, the loop.
+The file reads top-down: the schedule, the estimator, the step, the trainer, setup, the loop.
 """
 
 import functools
@@ -29,22 +29,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import optimizers
 from checkpoint import (all_finite, checkpoints, full_state_dicts, load_full_optimizer_state, load_latest_checkpoint,
-                        model_to_train, remove_partial_saves, rng_state, save_checkpoint, set_aside_damaged,
-                        set_rng_state)
-from dataset import EMBEDDED_DATASETS, Batches, check_split, dataset_meta, estimate_loss, prepare_dataset, read_split
-from metrics import MetricsLog, StepWindow, init_wandb
-from model import GPT, GPTConfig, peak_flops, training_memory
-from runtime import device_type as runtime_device_type
+                        remove_partial_saves, rng_state, save_checkpoint, set_aside_damaged, set_rng_state)
+from dataset import EMBEDDED_DATASETS, Batches, check_split, dataset_meta, prepare_dataset, read_split
+from devices import DeviceTimer, autocast, device_type, free_memory, pick_device, pick_dtype
 from errors import UserError, exit_on_user_error
+from evaluation import estimate_loss
+from lifecycle import RunLock, StopRequests
+from metrics import MetricsLog, init_wandb, log_window
+from model import GPT, GPTConfig, model_to_train, peak_flops, training_memory
 from optimizers import SECOND_ORDER, estimator_of
-from runtime import (ROOT, DeviceTimer, RunLock, StopRequests, autocast, free_memory, pick_device, pick_dtype, set_grad_sync,
-                     shard_model, writable_dir)
+from parallel import set_grad_sync, shard_model
+from paths import ROOT, writable_dir
+from progress import Progress, StepWindow
 from settings import Config, resolve, wsd_decay_start
 from sophia import Sophia, gnb_hessian, hutchinson_fd_hessian, hutchinson_hessian
 
 
 # ----------------------------------------------------------------------------- the schedule
-
 
 def tokens_per_step(cfg: Config) -> int:
     """Tokens of one optimizer step over all ranks."""
@@ -75,6 +76,11 @@ def get_lr(cfg: Config, it: int) -> float:
 
 # ----------------------------------------------------------------------------- the estimator
 
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, for positive integers."""
+    return -(-a // b)
+
+
 class HessianEstimator:
     """Sophia's estimator pass: takes this rank's share of the step's first `hess_batch_size`
     sequences, cut into equal chunks of at most batch_size sequences (one shape, so a compiled
@@ -95,8 +101,8 @@ class HessianEstimator:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.autocast, self.loss_scale = autocast, loss_scale
         self.local_sequences = cfg.hess_batch_size // world_size
-        chunks = next(n for n in range(-(-self.local_sequences // cfg.batch_size), self.local_sequences + 1)
-                      if self.local_sequences % n == 0)
+        self.micro_batches = ceil_div(self.local_sequences, cfg.batch_size)  # the step's first ones hold them
+        chunks = next(n for n in range(self.micro_batches, self.local_sequences + 1) if self.local_sequences % n == 0)
         self.chunk = self.local_sequences // chunks
         # Same seed on every rank: the draws are shared and sliced (see the estimators).
         self.generator = torch.Generator(device=device if device.startswith("cuda") else "cpu")
@@ -108,8 +114,7 @@ class HessianEstimator:
             self.estimate(batches)
 
     def estimate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        needed = batches[:-(-self.local_sequences // len(batches[0][0]))]
-        x, y = (torch.cat(t)[:self.local_sequences] for t in zip(*needed))
+        x, y = (torch.cat(t)[:self.local_sequences] for t in zip(*batches[:self.micro_batches]))
         chunks = list(zip(x.split(self.chunk), y.split(self.chunk)))
         scale = self.loss_scale()
         if self.exact:
@@ -167,19 +172,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     return total, norm, 1.0 - found_inf
 
 
-# ----------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------- the trainer
 
-@dataclass
-class Progress:
-    """Where the run stands: with the weights, optimizer state and RNG states, what a checkpoint saves."""
-    iter_num: int = 0
-    tokens: int = 0
-    best_val_loss: float = float("inf")
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Trainer:
-    """Everything setup() builds for the loop."""
+    """Everything setup() builds for the loop; rank 0 holds the lock on out_dir from the start."""
     cfg: Config
     rank: int
     world_size: int
@@ -198,7 +195,7 @@ class Trainer:
     batches: Batches
     estimator: HessianEstimator | None
     progress: Progress
-    lock: RunLock | None = None  # rank 0's hold on out_dir
+    lock: RunLock | None  # rank 0's hold on out_dir; None on the other ranks
 
     @property
     def master(self) -> bool:
@@ -223,6 +220,37 @@ class Trainer:
             gens["estimator"] = self.estimator.generator
         return gens
 
+    def window_record(self, window: dict, skipped_total: int, lr: float, seconds: float) -> dict:
+        """The train record of the steps since the last log line (StepWindow.close's `window`),
+        `seconds` after the previous one. Every rank builds it: the optimizer's stats read the device."""
+        progress, tokens_per_iter = self.progress, tokens_per_step(self.cfg)
+        dt = seconds / window["steps"]
+        record = {"kind": "train", "iter": progress.iter_num, "tokens": progress.tokens, "loss": window["loss"],
+                  "lr": lr, "time_ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
+                  "grad_norm": window["grad_norm"], "clip_frac": window["clip_frac"], "skipped_steps": skipped_total}
+        mfu = self.eager_model.estimate_mfu(self.mfu_tokens_per_iter() / self.world_size, dt, self.device)
+        if mfu is not None:
+            record["mfu"] = mfu
+        if self.device.startswith("cuda"):  # the allocator's own count: no sync
+            record["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        if self.estimator is not None:
+            stats = self.optimizer.stats()
+            if math.isnan(stats["win_rate"]):  # no step counted since the last line (stats_every)
+                del stats["win_rate"]
+            record.update(stats, estimator_ms=self.estimator.timer.take_seconds() * 1000 / window["steps"])
+        return record
+
+    def stop_if_diverged(self, bad_in_a_row: int) -> None:
+        """Stop the run (UserError) after max_bad_steps consecutive non-finite steps. Nothing is
+        saved: losses that stay non-finite over this many different batches usually mean the
+        weights are broken, and a save would prune an earlier, good checkpoint."""
+        if bad_in_a_row >= self.cfg.max_bad_steps:
+            kept = checkpoints(self.out_dir)
+            raise UserError(f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient "
+                            f"(up to step {self.progress.iter_num}); stopped without saving, so the latest checkpoint "
+                            f"is {kept[-1].name if kept else 'none'}. Lower --learning_rate or check the data"
+                            + (", then continue with --init_from=resume" if kept else ""))
+
     def save(self) -> None:
         """Write a checkpoint of the run as it stands, unless the weights or the optimizer state
         have stopped being finite: then the last finite checkpoint stays the latest, and the run
@@ -242,14 +270,16 @@ class Trainer:
             model_sd, optim_sd = full_state_dicts(self.eager_model, self.optimizer)
         else:
             model_sd, optim_sd = self.eager_model.state_dict(), self.optimizer.state_dict()
-        p = self.progress
+        progress = self.progress
         if self.master:
             save_checkpoint(self.out_dir, {
                 "model": model_sd, "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
-                "model_args": self.model_args, "iter_num": p.iter_num, "tokens": p.tokens,
-                "best_val_loss": p.best_val_loss, "config": dict(self.cfg), "rng": rngs,
+                "model_args": self.model_args, "iter_num": progress.iter_num, "tokens": progress.tokens,
+                "best_val_loss": progress.best_val_loss, "config": dict(self.cfg), "rng": rngs,
                 "world_size": self.world_size, "meta": self.meta}, self.cfg.keep_checkpoints)
 
+
+# ----------------------------------------------------------------------------- setup
 
 def check_memory(cfg: Config, meta: dict, dev: str, dtype_name: str, shards: int) -> str:
     """One rank's memory, estimated from the shapes before the model is built, against what the
@@ -278,20 +308,27 @@ class RunFinished(Exception):
     """A resume at or past max_iters: the run is left as it is (nothing written, exit status 0)."""
 
 
-def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) -> Trainer:
-    """Check the data, build or resume the model, optimizer, sampler and estimator; nothing is
-    written, and out_dir not even created, before every check has passed."""
-    master = rank == 0
-    device_type = runtime_device_type(dev)
+@dataclass(kw_only=True)
+class Checked:
+    """What setup's checks found and loaded, before anything is written or out_dir created."""
+    out_dir: Path
+    data_dir: Path
+    meta: dict
+    checkpoint: dict | None  # the one to resume from
+    resumed: Path | None  # its file
+    model: GPT  # on the CPU: from the checkpoint, GPT-2's weights or fresh
+    model_args: dict
+    dtype_name: str
+    sharded: bool
+
+
+def check_run(cfg: Config, master: bool, world_size: int, distributed: bool, dev: str) -> Checked:
+    """Every check of the run's folders, data, checkpoint and model; rank 0 prepares the data."""
     out_dir = Path(cfg.out_dir)
     if cfg.init_from == "resume" and not checkpoints(out_dir):  # before anything is created
         raise UserError(f"{out_dir} holds no checkpoint (ckpt_*.pt) to resume; train first, or point --out_dir at "
                         f"a run that has saved one")
-    torch.manual_seed(cfg.seed)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype_name = pick_dtype(cfg.dtype, device_type)
+    dtype_name = pick_dtype(cfg.dtype, device_type(dev))
     sharded = cfg.fsdp and distributed
     if sharded and dtype_name == "float16":
         raise UserError("fsdp=True with float16: the GradScaler's overflow check would see only each rank's shard of "
@@ -347,62 +384,90 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
     if finished:
         raise RunFinished(f"{out_dir}: already at step {checkpoint['iter_num']} (max_iters={cfg.max_iters}): "
                           f"nothing to do; raise --max_iters to continue")
-    lock = None
-    if master:  # every check has passed: from here on this run owns out_dir
-        lock = RunLock(writable_dir(out_dir, "--out_dir"))
-        remove_partial_saves(out_dir)
-        if resumed is not None:
-            set_aside_damaged(out_dir, resumed)
-    if sharded:
+    return Checked(out_dir=out_dir, data_dir=data_dir, meta=meta, checkpoint=checkpoint, resumed=resumed,
+                   model=model, model_args=model_args, dtype_name=dtype_name, sharded=sharded)
+
+
+def build_optimizer(cfg: Config, run: Checked, world_size: int, dev: str
+                    ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler, Progress]:
+    """Place the model (sharded first under FSDP2) and build its optimizer and loss scaler,
+    with their state and the run's progress when resuming."""
+    model = run.model
+    if run.sharded:
         # Before the optimizer (it holds the shards) and before moving to the GPU: fully_shard
         # moves one block at a time and shards it, so the whole model is never on one GPU.
-        shard_model(model, device_type, world_size, compile_blocks=cfg.compile)
-    elif cfg.fsdp and master:
-        print("fsdp=True in a single process: nothing to shard, training unsharded")
+        shard_model(model, device_type(dev), world_size, compile_blocks=cfg.compile)
     model.to(dev)
+    scaler = torch.amp.GradScaler(device_type(dev), enabled=(run.dtype_name == "float16"))
+    optimizer = optimizers.build(cfg, model, device_type(dev))
+    if run.checkpoint is None:
+        return optimizer, scaler, Progress()
+    if run.sharded:  # the weights were loaded before sharding
+        load_full_optimizer_state(model, optimizer, run.checkpoint["optimizer"])
+    else:
+        optimizer.load_state_dict(run.checkpoint["optimizer"])
+    scaler.load_state_dict(run.checkpoint["scaler"])
+    return optimizer, scaler, Progress(run.checkpoint["iter_num"], run.checkpoint["tokens"],
+                                       run.checkpoint["best_val_loss"])
 
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == "float16"))
-    optimizer = optimizers.build(cfg, model, device_type)
-    progress = Progress()
-    if checkpoint is not None:
-        if sharded:  # the weights were loaded above, before sharding
-            load_full_optimizer_state(model, optimizer, checkpoint["optimizer"])
-        else:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        progress = Progress(checkpoint["iter_num"], checkpoint["tokens"], checkpoint["best_val_loss"])
 
-    eager_model = model
-    if cfg.compile and not sharded:  # sharded: its blocks were compiled before sharding
+def wrap_parallel(cfg: Config, model: GPT, sharded: bool, distributed: bool, dev: str) -> torch.nn.Module:
+    """What the step calls: the model compiled (sharded: its blocks were, before sharding) and
+    DDP-wrapped under torchrun unless FSDP2 shards it."""
+    if cfg.compile and not sharded:
         model = torch.compile(model)
     if distributed and not sharded:
-        model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
-    mixed = autocast(device_type, dtype_name)
+        model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type(dev) == "cuda" else None)
+    return model
+
+
+def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) -> Trainer:
+    """Check, then build or resume the model, optimizer, sampler and estimator; nothing is
+    written, and out_dir not even created, before every check has passed."""
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    if device_type(dev) == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run = check_run(cfg, master, world_size, distributed, dev)
+    lock = None
+    if master:  # every check has passed: from here on this run owns out_dir
+        lock = RunLock(writable_dir(run.out_dir, "--out_dir"))
+        remove_partial_saves(run.out_dir)
+        if run.resumed is not None:
+            set_aside_damaged(run.out_dir, run.resumed)
+    if cfg.fsdp and not run.sharded and master:
+        print("fsdp=True in a single process: nothing to shard, training unsharded")
+    optimizer, scaler, progress = build_optimizer(cfg, run, world_size, dev)
+    model = wrap_parallel(cfg, run.model, run.sharded, distributed, dev)
+    mixed = autocast(device_type(dev), run.dtype_name)
     estimator = None
     if estimator_of(cfg) is not None:
-        estimator = HessianEstimator(cfg, model, eager_model, optimizer, rank, world_size, mixed,
+        estimator = HessianEstimator(cfg, model, run.model, optimizer, rank, world_size, mixed,
                                      scaler.get_scale if scaler.is_enabled() else (lambda: 1.0), dev)
-    trainer = Trainer(cfg, rank, world_size, distributed, sharded, dev, out_dir, data_dir, meta, model_args, model,
-                      eager_model, optimizer, scaler, mixed,
-                      Batches(read_split(data_dir, "train"), cfg.block_size, cfg.batch_size, cfg.seed, dev,
-                              cfg.gradient_accumulation_steps // world_size, rank, world_size), estimator,
-                      progress)
-    if checkpoint is not None:
-        saved_rngs = checkpoint["rng"]
+    batches = Batches(read_split(run.data_dir, "train"), cfg.block_size, cfg.batch_size, cfg.seed, dev,
+                      cfg.gradient_accumulation_steps // world_size, rank, world_size)
+    trainer = Trainer(cfg=cfg, rank=rank, world_size=world_size, distributed=distributed, sharded=run.sharded,
+                      device=dev, out_dir=run.out_dir, data_dir=run.data_dir, meta=run.meta,
+                      model_args=run.model_args, model=model, eager_model=run.model, optimizer=optimizer,
+                      scaler=scaler, autocast=mixed, batches=batches, estimator=estimator, progress=progress,
+                      lock=lock)
+    if run.checkpoint is not None:
+        saved_rngs = run.checkpoint["rng"]
         set_rng_state(saved_rngs[rank % len(saved_rngs)], trainer.generators())
         if rank >= len(saved_rngs):  # a rank the run did not have: its own dropout stream, not a copy
             torch.manual_seed(cfg.seed + 1_000_003 * progress.iter_num + rank)
         if len(saved_rngs) != world_size and master:
             print(f"resuming on {world_size} ranks (was {len(saved_rngs)}): the data order continues exactly, "
                   f"but gradients are reduced in another order, so the run is no longer bitwise the same")
-    trainer.lock = lock
-    if master and checkpoint is None and records.exists():  # init_from=auto after a run that never checkpointed
+    records = run.out_dir / "metrics.jsonl"
+    if master and run.checkpoint is None and records.exists():  # init_from=auto after a run that never checkpointed
         aside = records.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         records.rename(aside)
         print(f"{records} held the records of a run that saved no checkpoint: moved to {aside.name}, starting over")
     if master:
-        print(f"{eager_model.get_num_params() / 1e6:.2f}M parameters, {cfg.optimizer_name}, {tokens_per_step(cfg):,} "
-              f"tokens per step, device {dev}, dtype {dtype_name}, world size {world_size}")
+        print(f"{run.model.get_num_params() / 1e6:.2f}M parameters, {cfg.optimizer_name}, {tokens_per_step(cfg):,} "
+              f"tokens per step, device {dev}, dtype {run.dtype_name}, world size {world_size}")
         peak = peak_flops(dev)
         if peak is not None:
             print(f"mfu is against {peak / 1e12:.0f} TFLOP/s bf16 for {torch.cuda.get_device_name(dev)} "
@@ -412,131 +477,104 @@ def setup(cfg: Config, rank: int, world_size: int, distributed: bool, dev: str) 
 
 # ----------------------------------------------------------------------------- the loop
 
-def evaluate(t: Trainer, log: MetricsLog | None, stop: StopRequests) -> tuple[dict, bool] | None:
+def evaluate(trainer: Trainer, log: MetricsLog | None, stop: StopRequests) -> tuple[dict, bool] | None:
     """Score both splits and log them; returns the record and whether val loss improved, or
     None when a stop request came during it (asked between batches: seconds, not the whole
     evaluation)."""
-    losses = estimate_loss(t.model, t.data_dir, t.cfg.block_size, t.cfg.batch_size, t.cfg.eval_iters, t.autocast,
-                           t.device, t.rank, t.world_size, stop=lambda: bool(stop.agreed(t.device)))
+    cfg, progress = trainer.cfg, trainer.progress
+    losses = estimate_loss(trainer.model, trainer.data_dir, cfg.block_size, cfg.batch_size, cfg.eval_iters,
+                           trainer.autocast, trainer.device, trainer.rank, trainer.world_size,
+                           stop=lambda: bool(stop.agreed(trainer.device)))
     if losses is None:
         return None
-    p = t.progress
-    record = {"iter": p.iter_num, "tokens": p.tokens, "train_loss": losses["train"], "val_loss": losses["val"]}
-    if t.master:
-        print(f"step {p.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    record = {"iter": progress.iter_num, "tokens": progress.tokens, "train_loss": losses["train"],
+              "val_loss": losses["val"]}
+    if trainer.master:
+        print(f"step {progress.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         log({"kind": "eval", **record})
-    improved = losses["val"] < p.best_val_loss
-    p.best_val_loss = min(p.best_val_loss, losses["val"])
+    improved = losses["val"] < progress.best_val_loss
+    progress.best_val_loss = min(progress.best_val_loss, losses["val"])
     return record, improved
 
 
-def stop_with_checkpoint(t: Trainer, reason: str, start_iter: int) -> None:
+def stop_with_checkpoint(trainer: Trainer, reason: str, start_iter: int) -> None:
     """Save the run as it stands for a stop request, unless no step was taken since it started."""
-    if t.progress.iter_num == start_iter:
-        if t.master:
+    if trainer.progress.iter_num == start_iter:
+        if trainer.master:
             print(f"{reason}: stopped at step {start_iter}, where the run started; nothing new to save")
         return
-    t.save()
-    if t.master:
-        print(f"{reason}: saved a checkpoint at step {t.progress.iter_num} in {t.out_dir}; "
+    trainer.save()
+    if trainer.master:
+        print(f"{reason}: saved a checkpoint at step {trainer.progress.iter_num} in {trainer.out_dir}; "
               f"continue with --init_from=resume")
 
 
-def train(t: Trainer) -> dict:
+def open_log(trainer: Trainer) -> MetricsLog | None:
+    """Rank 0's records (config.json, metrics.jsonl, wandb when asked for); None on the other ranks."""
+    if not trainer.master:
+        return None
+    cfg = trainer.cfg
+    (trainer.out_dir / "config.json").write_text(json.dumps(dict(cfg), indent=2))
+    wandb_run = init_wandb(cfg.wandb_project, cfg.wandb_run_name, dict(cfg), trainer.out_dir) if cfg.wandb_log else None
+    return MetricsLog(trainer.out_dir, wandb_run)
+
+
+def train(trainer: Trainer) -> dict:
     """The loop: evaluate every eval_interval steps, one Hessian estimate every hess_interval
     steps (Sophia), one train_step per step, a log line every log_interval steps. Only
     evaluation, logging and checkpoint steps wait for the device. Returns the last
     evaluation's record."""
-    cfg, p = t.cfg, t.progress
-    tokens_per_iter = tokens_per_step(cfg)
-    log = None
-    if t.master:
-        (t.out_dir / "config.json").write_text(json.dumps(dict(cfg), indent=2))
-        wandb_run = init_wandb(cfg.wandb_project, cfg.wandb_run_name, dict(cfg), t.out_dir) if cfg.wandb_log else None
-        log = MetricsLog(t.out_dir, wandb_run)
-    stop = StopRequests()
-    window = StepWindow(t.device, cfg.grad_clip)
-    last_eval, start_iter = {}, p.iter_num
-    t_log = time.perf_counter()
+    cfg, progress = trainer.cfg, trainer.progress
+    log, stop, window = open_log(trainer), StopRequests(), StepWindow(trainer.device, cfg.grad_clip)
+    last_eval, start_iter, clock = {}, progress.iter_num, time.perf_counter()
     try:
         while True:
             # --- evaluation and checkpoint
-            if p.iter_num % cfg.eval_interval == 0 or p.iter_num == cfg.max_iters or cfg.eval_only:
-                evaluated = evaluate(t, log, stop)
+            if progress.iter_num % cfg.eval_interval == 0 or progress.iter_num == cfg.max_iters or cfg.eval_only:
+                evaluated = evaluate(trainer, log, stop)
                 if evaluated is None:
-                    stop_with_checkpoint(t, stop.agreed(t.device), start_iter)
+                    stop_with_checkpoint(trainer, stop.agreed(trainer.device), start_iter)
                     break
                 last_eval, improved = evaluated
-                if p.iter_num > start_iter and (improved or cfg.always_save_checkpoint):
-                    t.save()
-                t_log = time.perf_counter()  # evaluation time is not training time
-            if p.iter_num >= cfg.max_iters or cfg.eval_only:
+                if progress.iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                    trainer.save()
+                clock = time.perf_counter()  # evaluation time is not training time
+            if progress.iter_num >= cfg.max_iters or cfg.eval_only:
                 break
 
             # --- the step (the next step's batches are read while the device works on this one)
-            lr = get_lr(cfg, p.iter_num)
-            for group in t.optimizer.param_groups:
+            lr = get_lr(cfg, progress.iter_num)
+            for group in trainer.optimizer.param_groups:
                 group["lr"] = lr
-            step_batches = t.batches.next()
-            if t.estimator is not None and p.iter_num % cfg.hess_interval == 0:
-                t.estimator(step_batches)
-            window.add(*train_step(t.model, t.optimizer, t.scaler, step_batches, t.autocast, cfg.grad_clip))
-            t.batches.prefetch()
-            p.iter_num += 1
-            p.tokens += tokens_per_iter
+            step_batches = trainer.batches.next()
+            if trainer.estimator is not None and progress.iter_num % cfg.hess_interval == 0:
+                trainer.estimator(step_batches)
+            window.add(*train_step(trainer.model, trainer.optimizer, trainer.scaler, step_batches, trainer.autocast,
+                                   cfg.grad_clip))
+            trainer.batches.prefetch()
+            progress.iter_num += 1
+            progress.tokens += tokens_per_step(cfg)
 
             # --- logging: the loop's one regular host sync
-            if p.iter_num % cfg.log_interval == 0 or p.iter_num == cfg.max_iters:
-                w = window.close(p.iter_num, t.distributed)
-                dt = (time.perf_counter() - t_log) / w["steps"]
-                record = {"kind": "train", "iter": p.iter_num, "tokens": p.tokens, "loss": w["loss"], "lr": lr,
-                          "time_ms": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "grad_norm": w["grad_norm"],
-                          "clip_frac": w["clip_frac"], "skipped_steps": window.skipped_total}
-                line = (f"iter {p.iter_num}: loss " + (f"{w['loss']:.4f}" if w["loss"] is not None else
-                        f"n/a (all {w['steps']} steps skipped)") + f", time {dt * 1000:.2f}ms")
-                mfu = t.eager_model.estimate_mfu(t.mfu_tokens_per_iter() / t.world_size, dt, t.device)
-                if mfu is not None:
-                    record["mfu"] = mfu
-                    line += f", mfu {mfu * 100:.2f}%"
-                if t.device.startswith("cuda"):  # the allocator's own count: no sync
-                    record["memory_gib"] = torch.cuda.max_memory_allocated(t.device) / 2 ** 30
-                line += f", lr {lr:.2e}, tok/s {tokens_per_iter / dt:,.0f}"
-                if t.estimator is not None:
-                    stats = t.optimizer.stats()
-                    if math.isnan(stats["win_rate"]):  # no step counted since the last line (stats_every)
-                        del stats["win_rate"]
-                    record.update(stats, estimator_ms=t.estimator.timer.take_seconds() * 1000 / w["steps"])
-                    if "win_rate" in stats:
-                        line += f", win {stats['win_rate']:.3f}"
-                    line += f", |h| {stats['hessian_norm']:.3g}"
-                if t.master:
-                    for it, in_a_row in w["skipped"]:
-                        print(f"iter {it}: non-finite loss or gradient, step skipped ({in_a_row} in a row)")
-                        log({"kind": "skipped", "iter": it, "in_a_row": in_a_row})
-                    print(line)
-                    log(record)
-                if window.bad_in_a_row >= cfg.max_bad_steps:
-                    # Nothing is saved: losses that stay non-finite over this many different
-                    # batches usually mean the weights are broken, and a save would prune an
-                    # earlier, good checkpoint.
-                    kept = checkpoints(t.out_dir)
-                    raise UserError(f"{window.bad_in_a_row} consecutive steps had a non-finite loss or gradient "
-                                    f"(up to step {p.iter_num}); stopped without saving, so the latest checkpoint is "
-                                    f"{kept[-1].name if kept else 'none'}. Lower --learning_rate or check the data"
-                                    + (", then continue with --init_from=resume" if kept else ""))
-                t_log = time.perf_counter()
+            if progress.iter_num % cfg.log_interval == 0 or progress.iter_num == cfg.max_iters:
+                closed = window.close(progress.iter_num, trainer.distributed)
+                log_window(log, trainer.window_record(closed, window.skipped_total, lr, time.perf_counter() - clock),
+                           closed)
+                trainer.stop_if_diverged(window.bad_in_a_row)
+                clock = time.perf_counter()
 
             # --- preemption: every step alone; under torchrun on log steps, where the loop syncs anyway
-            reason = stop.agreed(t.device) if not t.distributed or p.iter_num % cfg.log_interval == 0 else ""
+            synced = not trainer.distributed or progress.iter_num % cfg.log_interval == 0
+            reason = stop.agreed(trainer.device) if synced else ""
             if reason:
-                stop_with_checkpoint(t, reason, start_iter)
+                stop_with_checkpoint(trainer, reason, start_iter)
                 break
     finally:
         stop.restore()
         if log is not None:
             log.close()
-        if t.lock is not None:
-            t.lock.release()
+        if trainer.lock is not None:
+            trainer.lock.release()
     return last_eval
 
 

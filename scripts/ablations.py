@@ -35,7 +35,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import settings  # noqa: E402
-from runtime import UserError, comma_list, exit_on_user_error, shown  # noqa: E402
+from configurator import comma_list  # noqa: E402
+from errors import UserError, exit_on_user_error  # noqa: E402
+from paths import shown  # noqa: E402
 from scripts import compare, compare_plan, compare_report  # noqa: E402
 
 RHO_FACTORS = (0.5, 1.0, 2.0)

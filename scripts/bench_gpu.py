@@ -7,7 +7,8 @@ Markdown report that marks each of the GPU targets met or missed.
     python -m scripts.bench_optimizer --what gpu [--rehearse] [--budget_s S] [--only ...] [--output FILE]
 
 No entry point of its own, so the command has one parser: scripts/bench_optimizer.py parses the
-arguments and calls bench_gpu(); this module uses its subprocess helpers and step worker.
+arguments and calls bench_gpu(); the runs (train.py, bench_optimizer.py's step worker) go through
+benchmarking.py's subprocess helpers.
 """
 
 import argparse
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import settings
 from errors import UserError, one_line
-from runtime import ROOT
-from scripts.bench_optimizer import SHAPES, RunFailed, cpu_model, output_tail, run_worker, spawn
+from benchmarking import SHAPES, RunFailed, cpu_model, output_tail, run_worker, spawn
+from paths import ROOT
 
 GPU_TRAIN = (("adamw", "AdamW"), ("sophiag", "Sophia-G"), ("sophiah", "Sophia-H"))  # train.py's optimizer_name
 GPU_STEP = ("adamw_fused", "sophiag_compiled_s10", "sophiag_compiled", "sophiag_foreach")  # in run order

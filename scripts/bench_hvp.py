@@ -35,7 +35,7 @@ import torch
 
 from dataset import Batches, prepare_dataset, read_split
 from model import GPT, GPTConfig
-from runtime import ROOT
+from paths import ROOT
 from sophia import fd_hessian_vector_product, hessian_vector_product
 from tokenizer import read_meta
 

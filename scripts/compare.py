@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from dataset import prepare_dataset
-from runtime import ROOT, UserError, exit_on_user_error, shown
+from errors import UserError, exit_on_user_error
+from paths import ROOT, shown
 from scripts import compare_slurm
 from scripts.compare_plan import check_overrides, plan, resolve
 from scripts.compare_report import markdown, summarize

@@ -40,10 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import settings
+from configurator import comma_list
 from errors import UserError
 from metrics import read_metrics as read_records
 from optimizers import REGISTRY
-from runtime import ROOT, comma_list, shown
+from paths import ROOT, shown
 
 OPTIMIZERS = tuple(REGISTRY)
 

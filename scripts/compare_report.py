@@ -26,7 +26,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime import comma_list
+from configurator import comma_list
 from scripts.compare_plan import Group, Run, read_metrics
 from scripts.compare_run import waiting
 from scripts.downstream_scores import downstream_lines

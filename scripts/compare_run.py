@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runtime import ROOT, shown
+from paths import ROOT, shown
 from scripts.compare_plan import Group, Run, check_reused, is_finished
 
 WAITING = ("not run", "queued", "running")  # states of a run that has neither finished nor failed

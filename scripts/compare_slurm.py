@@ -43,7 +43,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from runtime import ROOT, UserError, shown
+from errors import UserError
+from paths import ROOT, shown
 from scripts.compare_plan import Run, is_finished
 from scripts.compare_run import error_line, waiting
 

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import ROOT, UserError, comma_list, shown
+from configurator import comma_list
+from errors import UserError
+from paths import ROOT, shown
 from scripts.significance import mean_std
 
 DOWNSTREAM_CACHE = "downstream.json"

@@ -35,9 +35,10 @@ import sys
 from pathlib import Path
 
 import configurator
-from runtime import UserError, exit_on_user_error, writable_file, write_output
-from sample import load_model
-from scripts.eval_downstream import ModelScorer, gpt_scorer, load_scorer, read_jsonl
+from errors import UserError, exit_on_user_error
+from checkpoint import load_model
+from paths import writable_file, write_output
+from scoring import ModelScorer, gpt_scorer, load_scorer, read_jsonl
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir) or OpenAI's 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
 out_dir = "out"  # the training run to evaluate (its latest checkpoint), with init_from='resume'

@@ -39,8 +39,9 @@ import torch
 
 import configurator
 from checkpoint import load_trained_model
+from errors import UserError, exit_on_user_error
 from model import GPT, GPTConfig, hf_progress_bars_on_terminal_only
-from runtime import UserError, exit_on_user_error, writable_dir
+from paths import writable_dir
 from tokenizer import GPT2_DIR
 
 if TYPE_CHECKING:  # transformers is imported where used: importing this module stays cheap

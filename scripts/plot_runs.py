@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 
+from errors import UserError, exit_on_user_error
 from metrics import read_metrics as read_records
-from runtime import UserError, exit_on_user_error, writable_file
+from paths import writable_file
 
 # The field each kind of record must have: it is plotted.
 PLOTTED = {"train": ("loss",), "eval": ("val_loss",)}

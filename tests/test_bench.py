@@ -15,7 +15,9 @@ import types
 import pytest
 import torch
 
-from runtime import ROOT, UserError
+import benchmarking
+from errors import UserError
+from paths import ROOT
 from scripts import bench_gpu as gpu
 from scripts import bench_optimizer as bench
 from tests.helpers import expect_one_line_error
@@ -49,7 +51,7 @@ def test_step_shapes_are_gpt2_small_and_medium():
     counts = {}
     for name in ("small", "medium"):
         with torch.device("meta"):
-            counts[name] = sum(p.numel() for p in GPT(GPTConfig(**bench.SHAPES[name])).parameters())
+            counts[name] = sum(p.numel() for p in GPT(GPTConfig(**benchmarking.SHAPES[name])).parameters())
     assert 124e6 < counts["small"] < 125e6 and 354e6 < counts["medium"] < 356e6, counts
 
 
@@ -77,7 +79,7 @@ def test_summary_without_gpu_fields():
     summary = gpu.summarize_train(records, skip=2)
     assert summary["time_ms"] == 115.0 and summary["steady_windows"] == 4
     assert summary["mfu"] is None and summary["memory_gib"] is None and summary["estimator_ms"] is None
-    with pytest.raises(bench.RunFailed):
+    with pytest.raises(benchmarking.RunFailed):
         gpu.summarize_train(records[:1], skip=2)
 
 
@@ -148,7 +150,7 @@ def test_a_failed_or_late_run_costs_only_its_row(tmp_path, monkeypatch):
         if name == "sophiag":
             raise ValueError("boom")
         if name == "sophiah":
-            raise bench.RunFailed(f"timed out after {timeout:.0f} s")
+            raise benchmarking.RunFailed(f"timed out after {timeout:.0f} s")
         return fake["train"][name]
 
     def worker(args, timeout, threads=0):
@@ -185,12 +187,12 @@ def test_the_machine_line_on_a_gpu(monkeypatch):
 
 def test_a_run_past_its_time_is_stopped(tmp_path):
     t0 = time.perf_counter()
-    with pytest.raises(bench.RunFailed, match="timed out after 1 s"):
-        bench.spawn([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+    with pytest.raises(benchmarking.RunFailed, match="timed out after 1 s"):
+        benchmarking.spawn([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
                     tmp_path / "log", timeout=1)
     assert time.perf_counter() - t0 < 30
-    with pytest.raises(bench.RunFailed, match="exit 3: bad thing"):
-        bench.spawn([sys.executable, "-c", "import sys; print('bad thing'); sys.exit(3)"], tmp_path / "log", 60)
+    with pytest.raises(benchmarking.RunFailed, match="exit 3: bad thing"):
+        benchmarking.spawn([sys.executable, "-c", "import sys; print('bad thing'); sys.exit(3)"], tmp_path / "log", 60)
 
 
 @pytest.mark.slow

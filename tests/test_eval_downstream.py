@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 import train
+import scoring
 from model import GPT, GPTConfig
 
 from scripts import eval_downstream as ed
@@ -137,7 +138,7 @@ def test_batched_scorer_equals_a_plain_forward_pass_and_cuts_long_prompts_from_t
     encode = lambda s: [ord(c) % 64 for c in s]
     requests = [("short:", " Yes"), ("a longer context here:", " No"), ("x" * 40 + ":", " Neither"),
                 ("mid length:", " Choice2")]
-    scorer = ed.ModelScorer(lambda x: model(x)[0], encode, block_size=24, batch_size=3)
+    scorer = scoring.ModelScorer(lambda x: model(x)[0], encode, block_size=24, batch_size=3)
     got = scorer(requests)
 
     def plain(context: str, answer: str) -> float:
@@ -187,8 +188,8 @@ def test_a_bpe_checkpoint_scores_over_gpt2s_vocabulary_like_its_export(tmp_path)
         train.main([*TINY, f"--dataset={BPE}", f"--out_dir={out_dir}"])
         export_hf.main([f"--out_dir={out_dir}", f"--hf_dir={tmp_path / 'hf'}"])
     cfg = {**ed.DEFAULTS, "device": "cpu", "out_dir": str(out_dir)}
-    ours, _ = ed.load_scorer(cfg)
-    exported, _ = ed.load_scorer({**cfg, "hf_dir": str(tmp_path / "hf")})
+    ours, _ = scoring.load_scorer(cfg)
+    exported, _ = scoring.load_scorer({**cfg, "hf_dir": str(tmp_path / "hf")})
     requests = [("To be, or not to be:", " that is the question"), ("Friends, Romans,", " countrymen")]
     assert ours(requests) == pytest.approx(exported(requests), abs=1e-5)
 

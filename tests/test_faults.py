@@ -269,7 +269,7 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_one_line_keeping_the_last
 def test_a_second_run_into_a_running_runs_out_dir_stops_with_one_line_naming_it(tmp_path, capsys):
     """The first run holds out_dir's lock (here taken by RunLock in this process: flock is per
     open file, so it conflicts all the same); the second stops before writing anything."""
-    from runtime import RunLock
+    from lifecycle import RunLock
     run_train(tmp_path, "--max_iters=2", "--eval_interval=2")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     holder = RunLock(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import dataset
+import evaluation
 import settings
 import train
 from tests.test_train import TINY
@@ -135,13 +135,13 @@ def test_two_seeds_score_the_same_evaluation_windows(tmp_path, monkeypatch):
     """The windows depend on the dataset and eval_iters alone, so two runs that differ in
     seed (and optimizer) score exactly the same text."""
     scored = {}
-    windows = dataset.windows
+    windows = evaluation.windows
 
     def recording_windows(data, offsets, block_size, device):
         scored.setdefault(run, []).append(list(offsets))
         return windows(data, offsets, block_size, device)
 
-    monkeypatch.setattr(dataset, "windows", recording_windows)
+    monkeypatch.setattr(evaluation, "windows", recording_windows)
     for run, extra in (("a", ["--seed=1"]), ("b", ["--seed=2", "--optimizer_name=sophiag"])):
         with contextlib.redirect_stdout(io.StringIO()):
             train.main([*TINY, f"--out_dir={tmp_path / run}", "--max_iters=0", *extra])

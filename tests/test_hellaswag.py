@@ -15,10 +15,10 @@ import torch
 from torch.nn import functional as F
 
 import train
+from errors import UserError
 from model import GPT, GPTConfig
-from runtime import UserError
+from scoring import ModelScorer
 from scripts import eval_hellaswag as hs
-from scripts.eval_downstream import ModelScorer
 from tests.helpers import BPE, expect_one_line_error
 from tests.test_eval_downstream import TINY
 from tests.test_data import no_network  # noqa: F401  (autouse: fails any internet connection)

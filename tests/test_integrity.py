@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from checkpoint import checkpoints, load_latest_checkpoint, read_checkpoint
-from runtime import UserError
+from errors import UserError
 from tests.test_train import CHAR_META, ROOT, char_ids, make_dataset, run_train  # noqa: F401 (a fixture)
 
 BASE = ["--optimizer_name=adamw", "--lr_decay_iters=20", "--eval_iters=1"]
@@ -349,7 +349,7 @@ def test_a_resume_with_another_batch_size_says_what_changes(tmp_path):
 
 def test_a_second_preparation_into_the_same_folder_stops_with_one_line_naming_the_holder(capsys, tmp_path):
     import importlib
-    from runtime import RunLock
+    from lifecycle import RunLock
     from tests.helpers import expect_one_line_error
     from tests.test_data import owt_documents, owt_main, write_jsonl
     openwebtext = importlib.import_module("data.openwebtext.prepare")

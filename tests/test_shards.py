@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import dataset
+import evaluation
 import train
 from dataset import Batches, Split, read_split, write_shard
 from tests.helpers import expect_one_line_error
@@ -84,8 +85,8 @@ def test_resume_on_shards_is_bitwise_identical_to_an_uninterrupted_run(shards, t
 def test_evaluation_scores_fixed_windows_of_the_val_shards(shards, tmp_path, monkeypatch):
     """estimate_loss reads the val split through its shards, the same windows for every seed."""
     scored = []
-    windows = dataset.windows
-    monkeypatch.setattr(dataset, "windows", lambda data, offsets, *rest: scored.append(
+    windows = evaluation.windows
+    monkeypatch.setattr(evaluation, "windows", lambda data, offsets, *rest: scored.append(
         ([f.path.name for f in data.files], list(offsets))) or windows(data, offsets, *rest))
     for seed in (1, 2):
         with contextlib.redirect_stdout(io.StringIO()):

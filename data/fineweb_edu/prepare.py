@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from dataset import TOKEN_DTYPE, atomic_path, write_meta
 from preparation import DEFAULT_NUM_PROC, local_files, output_dir, quiet_datasets, tokenize
-from runtime import UserError, one_line
+from errors import UserError, one_line
 from tokenizer import EOT, gpt2_encoding
 
 HERE = Path(__file__).resolve().parent
