@@ -16,7 +16,8 @@ peak memory, printed as Markdown tables.
                compilation): the median, the fastest step and its CPU time; ratios against
                fused AdamW. Sophia's update_hessian (once every k steps in training) is timed
                separately. Each optimizer runs in a fresh subprocess.
---what train   Mean training-iteration time of a short train.py run per optimizer, same
+--what train   Mean training-iteration time of a short train.py run per optimizer (sophiah_exact:
+               Sophia-H with --hessian_vector_product=exact), same
                settings for all: config/train_shakespeare_char.py, --train_iters steps,
                hess_interval=10 with a half-batch estimator (hess_batch_size = batch_size / 2),
                log_interval=10 (so every logged window holds exactly one estimator call).
@@ -80,9 +81,10 @@ from scripts.bench_gpu import bench_gpu
 # impl=<impl> and win-rate counting every <n> steps (none without _s<n>)
 STEP_OPTIMIZERS = ("adamw_fused", "adamw_foreach", "lion", "muon", "sophiag_foreach", "sophiag_compiled",
                    "sophiag_compiled_s10")
-# (label, optimizer_name, optimizer_impl) for train.py
-TRAIN_RUNS = (("adamw", "adamw", "auto"), ("lion", "lion", "auto"), ("sophiag", "sophiag", "auto"),
-              ("sophiah", "sophiah", "auto"), ("sophiag_compiled", "sophiag", "compiled"))
+# (label, optimizer_name, optimizer_impl, hessian_vector_product) for train.py
+TRAIN_RUNS = (("adamw", "adamw", "auto", "finite_difference"), ("lion", "lion", "auto", "finite_difference"),
+              ("sophiag", "sophiag", "auto", "finite_difference"), ("sophiah", "sophiah", "auto", "finite_difference"),
+              ("sophiah_exact", "sophiah", "auto", "exact"), ("sophiag_compiled", "sophiag", "compiled", "finite_difference"))
 
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
@@ -220,7 +222,7 @@ def run_measured(cmd: list[str]) -> float:
     return usage.ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else usage.ru_maxrss / 1024
 
 
-def worker_train(optimizer_name: str, impl: str, iters: int, out_dir: str) -> dict:
+def worker_train(optimizer_name: str, impl: str, hvp: str, iters: int, out_dir: str) -> dict:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -228,7 +230,7 @@ def worker_train(optimizer_name: str, impl: str, iters: int, out_dir: str) -> di
     argv = [
         "config/train_shakespeare_char.py", f"--out_dir={out_dir}", f"--optimizer_name={optimizer_name}",
         # lr_decay_iters stays the config's: train.py wants it >= warmup_iters
-        f"--optimizer_impl={impl}", f"--max_iters={iters}",
+        f"--optimizer_impl={impl}", f"--hessian_vector_product={hvp}", f"--max_iters={iters}",
         f"--eval_interval={iters}", "--eval_iters=1", "--log_interval=10", "--hess_interval=10",
         f"--batch_size={batch_size}", f"--hess_batch_size={batch_size // 2}", f"--device={device}",
         "--wandb_log=False", "--always_save_checkpoint=False",
@@ -305,13 +307,13 @@ def bench_step(iters: int, warmup: int, repeats: int, threads: int = 0,
 
 
 def bench_train(iters: int, repeats: int, threads: int = 0,
-                runs: tuple[tuple[str, str, str], ...] = TRAIN_RUNS) -> tuple[str, str, dict]:
-    results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+                runs: tuple[tuple[str, str, str, str], ...] = TRAIN_RUNS) -> tuple[str, str, dict]:
+    results: dict[str, list[dict]] = {label: [] for label, *_ in runs}
     for r in range(repeats):
-        for label, name, impl in runs:
+        for label, name, impl, hvp in runs:
             print(f"train: {label} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(prefix="bench_opt_") as out_dir:
-                results[label].append(run_worker(["train", name, impl, str(iters), out_dir], 3600, threads))
+                results[label].append(run_worker(["train", name, impl, hvp, str(iters), out_dir], 3600, threads))
     base = statistics.median(x["time_ms"] for x in results["adamw"])
     device = results["adamw"][0]["device"]
     threads = results["adamw"][0]["threads"]
@@ -319,7 +321,7 @@ def bench_train(iters: int, repeats: int, threads: int = 0,
              f"hess_interval=10, hess_batch_size=6), device {device}, {threads} torch thread(s); median time_ms "
              f"of the logged 10-iteration windows after the first, {repeats} run(s): median (min-max over runs)."), "",
              "| optimizer | impl | iteration ms | vs AdamW | estimator ms per iteration |", "|---|---|---:|---:|---:|"]
-    for label, _, impl in runs:
+    for label, _, impl, _ in runs:
         ms = [x["time_ms"] for x in results[label]]
         est = [x["estimator_ms"] for x in results[label] if x["estimator_ms"] is not None]
         lines.append(f"| {label} | {impl} | {spread(ms)} | {statistics.median(ms) / base:.3f}x | "
@@ -386,8 +388,8 @@ def main() -> None:
             name, iters, warmup, seed, *where = rest  # where: [model[, device]]
             result = worker_step(name, int(iters), int(warmup), int(seed), *where)
         else:
-            name, impl, iters, out_dir = rest
-            result = worker_train(name, impl, int(iters), out_dir)
+            name, impl, hvp, iters, out_dir = rest
+            result = worker_train(name, impl, hvp, int(iters), out_dir)
         print(MARK + json.dumps(result), flush=True)
         return
 
