@@ -1240,18 +1240,16 @@ def test_sophiag_and_sophiah_defaults_yield_to_keywords():
 
 
 def test_the_readme_snippet_trains_a_model_with_sophia_g_as_written():
-    """README, "Using the optimizer in your own loop": run verbatim on a tiny GPT and a
-    loader of non-contiguous (x, y) slices; the loss must fall."""
+    """README, "Using the optimizer in your own loop": the block that imports SophiaG runs
+    verbatim and its model's loss falls well below chance (log 32 = 3.47)."""
+    import math
     import re
     from pathlib import Path
 
-    from model import GPT, GPTConfig
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    snippet = re.search(r"Using the optimizer in your own loop:\n\n```python\n(.*?)```", readme, re.S).group(1)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
-    data = torch.arange(17).repeat(8, 1) % 32  # a learnable sequence: next token = this token + 1
-    loader = [(data[:, :-1], data[:, 1:])] * 300
-    before = model(*loader[0])[1].item()
-    exec(snippet, {"model": model, "loader": loader})
-    assert model(*loader[0])[1].item() < 0.5 * before, before
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "import SophiaG" in b]
+    assert len(blocks) == 1, f"{len(blocks)} README blocks import SophiaG"
+    namespace: dict = {}
+    exec(blocks[0], namespace)
+    final = namespace["model"](namespace["x"], namespace["y"])[1].item()
+    assert final < 0.5 * math.log(32), final
