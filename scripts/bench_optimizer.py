@@ -19,6 +19,8 @@ peak memory, printed as Markdown tables.
 --what train   Mean training-iteration time of a short train.py run per optimizer (sophiah_exact:
                Sophia-H with --hessian_vector_product=exact), same
                settings for all: config/train_shakespeare_char.py, --train_iters steps,
+               compile=False, or compile=True with --compile=True (--compile=both: each
+               optimizer both ways, its ratio against AdamW run the same way),
                hess_interval=10 with a half-batch estimator (hess_batch_size = batch_size / 2),
                log_interval=10 (so every logged window holds exactly one estimator call).
                time_ms comes from out_dir/metrics.jsonl: the median of the 10-iteration windows
@@ -222,7 +224,7 @@ def run_measured(cmd: list[str]) -> float:
     return usage.ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else usage.ru_maxrss / 1024
 
 
-def worker_train(optimizer_name: str, impl: str, hvp: str, iters: int, out_dir: str) -> dict:
+def worker_train(optimizer_name: str, impl: str, hvp: str, compile_model: bool, iters: int, out_dir: str) -> dict:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,14 +235,16 @@ def worker_train(optimizer_name: str, impl: str, hvp: str, iters: int, out_dir: 
         f"--optimizer_impl={impl}", f"--hessian_vector_product={hvp}", f"--max_iters={iters}",
         f"--eval_interval={iters}", "--eval_iters=1", "--log_interval=10", "--hess_interval=10",
         f"--batch_size={batch_size}", f"--hess_batch_size={batch_size // 2}", f"--device={device}",
-        "--wandb_log=False", "--always_save_checkpoint=False",
+        f"--compile={compile_model}", "--wandb_log=False", "--always_save_checkpoint=False",
     ]
     # train.py --help imports everything a run imports and stops: the baseline of the memory table.
     baseline_rss = run_measured([sys.executable, "train.py", "--help"])
     peak_rss = run_measured([sys.executable, "train.py", *argv])
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if r["kind"] == "train"]
-    steady = windows[1:] or windows  # the first window holds warmup and compilation
+    # The first window holds warmup and compilation; a compiled run compiles the estimator's
+    # half batch in the second (the first refresh).
+    steady = windows[1 + compile_model:] or windows
     return {
         "optimizer": optimizer_name, "impl": impl, "device": device, "threads": torch.get_num_threads(),
         "time_ms": statistics.median(r["time_ms"] for r in steady),
@@ -307,25 +311,37 @@ def bench_step(iters: int, warmup: int, repeats: int, threads: int = 0,
 
 
 def bench_train(iters: int, repeats: int, threads: int = 0,
-                runs: tuple[tuple[str, str, str, str], ...] = TRAIN_RUNS) -> tuple[str, str, dict]:
-    results: dict[str, list[dict]] = {label: [] for label, *_ in runs}
+                runs: tuple[tuple[str, str, str, str], ...] = TRAIN_RUNS,
+                compile_modes: tuple[bool, ...] = (False,)) -> tuple[str, str, dict]:
+    """Each run once per compile mode and repeat, interleaved; results keyed '<label>' for
+    compile=False and '<label>+compile' for compile=True."""
+    def key(label: str, compile_model: bool) -> str:
+        return label + "+compile" * compile_model
+
+    results: dict[str, list[dict]] = {key(r[0], c): [] for c in compile_modes for r in runs}
     for r in range(repeats):
-        for label, name, impl, hvp in runs:
-            print(f"train: {label} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
-            with tempfile.TemporaryDirectory(prefix="bench_opt_") as out_dir:
-                results[label].append(run_worker(["train", name, impl, hvp, str(iters), out_dir], 3600, threads))
-    base = statistics.median(x["time_ms"] for x in results["adamw"])
-    device = results["adamw"][0]["device"]
-    threads = results["adamw"][0]["threads"]
+        for compile_model in compile_modes:
+            for label, name, impl, hvp in runs:
+                print(f"train: {key(label, compile_model)} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
+                with tempfile.TemporaryDirectory(prefix="bench_opt_") as out_dir:
+                    argv = ["train", name, impl, hvp, str(compile_model), str(iters), out_dir]
+                    results[key(label, compile_model)].append(run_worker(argv, 3600, threads))
+    first = results[key("adamw", compile_modes[0])][0]
     lines = [(f"Training iteration, config/train_shakespeare_char.py ({iters} iterations, batch 12 x 64, "
-             f"hess_interval=10, hess_batch_size=6), device {device}, {threads} torch thread(s); median time_ms "
-             f"of the logged 10-iteration windows after the first, {repeats} run(s): median (min-max over runs)."), "",
-             "| optimizer | impl | iteration ms | vs AdamW | estimator ms per iteration |", "|---|---|---:|---:|---:|"]
-    for label, _, impl, _ in runs:
-        ms = [x["time_ms"] for x in results[label]]
-        est = [x["estimator_ms"] for x in results[label] if x["estimator_ms"] is not None]
-        lines.append(f"| {label} | {impl} | {spread(ms)} | {statistics.median(ms) / base:.3f}x | "
-                     f"{spread(est) if est else '-'} |")
+             f"hess_interval=10, hess_batch_size=6), device {first['device']}, {first['threads']} torch "
+             "thread(s); median time_ms of the logged 10-iteration windows after the first (compile=True: "
+             f"after the second), {repeats} run(s): median (min-max over runs); vs AdamW: against AdamW "
+             "with the same compile setting."), "",
+             "| optimizer | impl | compile | iteration ms | vs AdamW | estimator ms per iteration |",
+             "|---|---|---|---:|---:|---:|"]
+    for compile_model in compile_modes:
+        base = statistics.median(x["time_ms"] for x in results[key("adamw", compile_model)])
+        for label, _, impl, _ in runs:
+            found = results[key(label, compile_model)]
+            ms = [x["time_ms"] for x in found]
+            est = [x["estimator_ms"] for x in found if x["estimator_ms"] is not None]
+            lines.append(f"| {label} | {impl} | {compile_model} | {spread(ms)} | "
+                         f"{statistics.median(ms) / base:.3f}x | {spread(est) if est else '-'} |")
     mem = train_memory_table(results)
     return "\n".join(lines), mem, results
 
@@ -351,10 +367,12 @@ def step_memory_table(results: dict[str, list[dict]]) -> str:
 
 
 def train_memory_table(results: dict[str, list[dict]]) -> str:
-    first = results["adamw"][0]
-    cuda = first["cuda_peak_mib"] is not None
+    """Each run against AdamW run the same way (compiled or not)."""
+    def adamw(label: str) -> list[dict]:
+        return results["adamw+compile" if label.endswith("+compile") else "adamw"]
+
+    cuda = next(iter(results.values()))[0]["cuda_peak_mib"] is not None
     key = "cuda_peak_mib" if cuda else "peak_rss_mib"
-    base = statistics.median(x[key] for x in results["adamw"])
     if cuda:
         lines = ["Peak memory, training runs: torch.cuda.max_memory_allocated (MiB).", "",
                  "| optimizer | peak MiB | vs AdamW |", "|---|---:|---:|"]
@@ -364,8 +382,9 @@ def train_memory_table(results: dict[str, list[dict]]) -> str:
                  "the growth beyond it (model, optimizer, data, activations) compared with AdamW's."), "",
                  "| optimizer | peak RSS MiB | vs AdamW | RSS after imports MiB | growth MiB | growth vs AdamW |",
                  "|---|---:|---:|---:|---:|---:|"]
-    base_growth = statistics.median(x[key] - x["baseline_rss_mib"] for x in results["adamw"])
     for label, runs in results.items():
+        base = statistics.median(x[key] for x in adamw(label))
+        base_growth = statistics.median(x[key] - x["baseline_rss_mib"] for x in adamw(label))
         peak = statistics.median(x[key] for x in runs)
         if cuda:
             lines.append(f"| {label} | {peak:.0f} | {peak / base:.3f}x |")
@@ -388,8 +407,8 @@ def main() -> None:
             name, iters, warmup, seed, *where = rest  # where: [model[, device]]
             result = worker_step(name, int(iters), int(warmup), int(seed), *where)
         else:
-            name, impl, hvp, iters, out_dir = rest
-            result = worker_train(name, impl, hvp, int(iters), out_dir)
+            name, impl, hvp, compile_model, iters, out_dir = rest
+            result = worker_train(name, impl, hvp, compile_model == "True", int(iters), out_dir)
         print(MARK + json.dumps(result), flush=True)
         return
 
@@ -404,6 +423,8 @@ def main() -> None:
                         help="parameter shapes of the step benchmark: GPT-2 small or medium")
     parser.add_argument("--iters", type=int, default=10, help="timed optimizer steps per run (step)")
     parser.add_argument("--train_iters", type=int, default=80, help="iterations of each training run (train)")
+    parser.add_argument("--compile", choices=("False", "True", "both"), default="False",
+                        help="train.py's compile setting in the training runs (train); both: each run both ways")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before timing (step)")
     parser.add_argument("--repeats", type=int, default=1, help="run every measurement this many times")
     parser.add_argument("--only", default=None,
@@ -437,7 +458,9 @@ def main() -> None:
     if args.what in ("train", "memory", "all"):
         if args.train_iters < 20:
             parser.error("--train_iters must be >= 20 (the first 10-iteration window is left out)")
-        table, mem, raw["train"] = bench_train(args.train_iters, args.repeats, args.threads, train_runs)
+        compile_modes = {"False": (False,), "True": (True,), "both": (False, True)}[args.compile]
+        table, mem, raw["train"] = bench_train(args.train_iters, args.repeats, args.threads, train_runs,
+                                               compile_modes)
         if args.what != "memory":
             sections.append(table)
         if args.what in ("memory", "all"):
