@@ -59,6 +59,9 @@ FSDP_OPTIMIZERS = ["adamw", "lion", "sophiag", "sophiah"]  # Muon and SOAP are r
 # 2 micro-steps per rank (4 in one process): the gradient all-reduce / reduce-scatter skipped on
 # the first (DDP no_sync, FSDP2 set_requires_gradient_sync), the estimator over 2 micro-batches.
 ACCUMULATE = ["--gradient_accumulation_steps=4", "--hess_batch_size=16", *OPTIMIZERS["sophiag"]]
+# Without gradient clipping FSDP2 has no shard-by-shard norm: what is left to differ from one
+# process is the finite-difference Hessian estimate on sharded parameters.
+UNCLIPPED_SOPHIAH = [*OPTIMIZERS["sophiah"], "--grad_clip=0.0"]
 DDP_TOL = {"rtol": 1e-5, "atol": 1e-5}  # measured: bitwise equal here (x/2 is exact)
 # FSDP2's clip_grad_norm_ sums squares shard by shard: the clip factor differs in the last bit,
 # and Sophia's m / (rho h) amplifies it; measured differences are at most 5e-6.
@@ -181,7 +184,8 @@ def single(tmp_path_factory) -> dict[str, Run]:
     """One process: 2 accumulation steps per step for each optimizer, and 4 for Sophia-G's
     accumulation run."""
     root = tmp_path_factory.mktemp("single")
-    return {name: single_process(root / name, *args) for name, args in {**OPTIMIZERS, "accumulate": ACCUMULATE}.items()}
+    runs = {**OPTIMIZERS, "accumulate": ACCUMULATE, "sophiah-unclipped": UNCLIPPED_SOPHIAH}
+    return {name: single_process(root / name, *args) for name, args in runs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +195,8 @@ def two_ranks(tmp_path_factory) -> dict[str, Run]:
     root = tmp_path_factory.mktemp("two-ranks")
     runs = {f"ddp-{name}": args for name, args in OPTIMIZERS.items()}
     runs.update({f"fsdp-{name}": [*OPTIMIZERS[name], "--fsdp=True"] for name in FSDP_OPTIMIZERS})
-    runs.update({"ddp-accumulate": ACCUMULATE, "fsdp-accumulate": [*ACCUMULATE, "--fsdp=True"]})
+    runs.update({"ddp-accumulate": ACCUMULATE, "fsdp-accumulate": [*ACCUMULATE, "--fsdp=True"],
+                 "fsdp-sophiah-unclipped": [*UNCLIPPED_SOPHIAH, "--fsdp=True"]})
     return launch(runs, root)
 
 
@@ -300,6 +305,22 @@ def test_fsdp_trains_and_matches_ddp(two_ranks, name):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
     for x, y in zip(evals, ddp.records("eval"), strict=True):
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5)
+
+
+def test_fsdp_sophiah_on_two_ranks_matches_one_process_with_two_accumulation_steps(single, two_ranks):
+    """Sophia-H's finite-difference estimate on FSDP2: each rank perturbs its own shards with
+    its slice of the shared u and gets its shard of each pass's averaged gradient. Without
+    clipping (whose sharded norm differs in the last bits) it ends where one process with 2
+    accumulation steps ends, to DDP's tolerance, after 4 estimates."""
+    one, fsdp = single["sophiah-unclipped"].checkpoint(), two_ranks["fsdp-sophiah-unclipped"].checkpoint()
+    assert one["iter_num"] == fsdp["iter_num"] == 12
+    assert all(s["hessian"].abs().sum() > 0 for s in fsdp["optimizer"]["state"].values())
+    assert_state_close(one["model"], fsdp["model"], "model", **DDP_TOL)
+    assert_state_close(one["optimizer"], fsdp["optimizer"], "optimizer", **DDP_TOL)
+    for a, b in zip(single["sophiah-unclipped"].records("train"), two_ranks["fsdp-sophiah-unclipped"].records("train"),
+                    strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["hessian_norm"] == pytest.approx(a["hessian_norm"], rel=1e-5)
 
 
 def test_fsdp_sophia_statistics_are_global(two_ranks):
