@@ -161,12 +161,20 @@ def curves(runs: list[Run]) -> tuple[Curve, dict[str, list[float]]]:
     return curve, seed_mean_series([m[1] for m in metrics], ("clip_frac", "win_rate", "hessian_norm", "loss"))
 
 
-def overall_clip_fraction(stats: dict) -> float | None:
-    """Fraction of all steps with gradient clipping: each record covers the steps since the previous one."""
-    if "clip_frac" not in stats or not stats["iters"]:
+def run_mean(stats: dict, key: str) -> float | None:
+    """A training statistic averaged over the whole run: each record covers the steps since the
+    previous one, so each counts by its span (the clip fraction: the fraction of all steps that
+    clipped the gradient)."""
+    if key not in stats or not stats["iters"]:
         return None
     spans = [b - a for a, b in zip([0] + stats["iters"][:-1], stats["iters"])]
-    return sum(s * f for s, f in zip(spans, stats["clip_frac"])) / sum(spans)
+    return sum(s * f for s, f in zip(spans, stats[key])) / sum(spans)
+
+
+def at_fraction(stats: dict, key: str, steps: int, fraction: float) -> float | None:
+    """The record of `key` covering step fraction * steps (the first logged at or after it)."""
+    step = fraction * steps
+    return next((v for i, v in zip(stats["iters"], stats.get(key, [])) if i >= step), None)
 
 
 def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args: argparse.Namespace,
@@ -191,7 +199,7 @@ def summarize(groups: list[Group], runs: list[Run], states: dict[Run, str], args
             row.best_lr, row.val_loss_mean, row.val_loss_std = best[:3]
             row.best_at_edge = len(group.lrs) > 1 and row.best_lr in (min(group.lrs), max(group.lrs))
             row.curve, row.train_stats = curves(best[3])
-            row.clip_frac_overall = overall_clip_fraction(row.train_stats)
+            row.clip_frac_overall = run_mean(row.train_stats, "clip_frac")
         rows.append(row)
         at_best.append(best[3] if best is not None else [])
 
@@ -351,6 +359,35 @@ def tuning_lines(results: dict) -> list[str]:
     return lines
 
 
+SOPHIA_FRACTIONS = (0.05, 0.25, 0.5, 1.0)
+
+
+def sophia_lines(results: dict) -> list[str]:
+    """results.md's section on the groups that log Sophia's statistics, at their best LR: the win
+    rate and ‖h‖ at a few points of the run and the win rate over the whole run."""
+    rows = [row for row in results["groups"] if row["train_stats"] and "win_rate" in row["train_stats"]]
+    if not rows:
+        return []
+    lines = ["", "## Sophia's statistics", "",
+             ("At each group's best LR, means over its seeds. Win rate: the fraction of coordinate updates "
+              "not clipped (|m| < max(ρ·h, ε); the others move by lr·sign(m)), counted every stats_every-th step: in "
+              "the logged window that covers each point of the run (as a fraction of its steps), and over the "
+              "whole run; ‖h‖: the l2 norm of the Hessian EMA."), "",
+             "| group | steps | best LR | " + " | ".join(f"win rate {f:.0%}" for f in SOPHIA_FRACTIONS)
+             + " | win rate over the run | " + " | ".join(f"‖h‖ {f:.0%}" for f in SOPHIA_FRACTIONS) + " |",
+             "|---|---:|---:|" + "---:|" * (2 * len(SOPHIA_FRACTIONS) + 1)]
+
+    def cells(row: dict, key: str, fmt: str) -> str:
+        values = [at_fraction(row["train_stats"], key, row["steps"], f) for f in SOPHIA_FRACTIONS]
+        return " | ".join("—" if v is None else format(v, fmt) for v in values)
+
+    for row in rows:
+        overall = run_mean(row["train_stats"], "win_rate")
+        lines.append(f"| {row['label']} | {row['steps']} | {row['best_lr']:.3g} | {cells(row, 'win_rate', '.3f')} | "
+                     f"{overall:.3f} | {cells(row, 'hessian_norm', '.3g')} |")
+    return lines
+
+
 def markdown(results: dict, plots: list[Path]) -> str:
     """results.md: the summary table, the tests against the baseline, every LR's losses and the plots."""
     seeds = ", ".join(map(str, results["seeds"]))
@@ -380,6 +417,7 @@ def markdown(results: dict, plots: list[Path]) -> str:
         lines += ["", "Variants: " + "; ".join(f"{row['label']} = {shlex.join([row['optimizer'], *row['overrides']])}"
                                                 for row in variants) + "."]
     lines += tuning_lines(results)
+    lines += sophia_lines(results)
     lines += significance_lines(results)
     lines += downstream_lines(results)
     lines += [

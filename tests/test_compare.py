@@ -59,8 +59,8 @@ def test_steps_to_reach_not_reached_and_first_crossing():
 def write_metrics(out_dir: Path, evals: dict[int, float]) -> None:
     out_dir.mkdir(parents=True)
     records = [{"kind": "eval", "iter": i, "train_loss": v, "val_loss": v} for i, v in evals.items()]
-    records += [{"kind": "train", "iter": i, "loss": v, "clip_frac": 0.5, "win_rate": 0.3, "hessian_norm": 2.0}
-                for i, v in evals.items() if i > 0]
+    sophia = {"win_rate": 0.3, "hessian_norm": 2.0} if out_dir.name.startswith("sophia") else {}
+    records += [{"kind": "train", "iter": i, "loss": v, "clip_frac": 0.5, **sophia} for i, v in evals.items() if i > 0]
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -111,7 +111,22 @@ def test_speedup_and_best_lr_on_synthetic_metrics(tmp_path, capsys):
     md = (runs_dir / "results.md").read_text()
     assert "| sophiag | 5 | 0.001 * | 2.0000 ± 0.1414 | 4.8 | 2.11x |" in md
     assert "| lion | 10 | 0.0001 * | 2.5000 ± 0.0000 | not reached | not reached |" in md
+    # Only Sophia logs a win rate: one row, its one training record (step 5) covering every point.
+    sophia_section = md.split("## Sophia's statistics")[1].split("\n## ")[0]
+    assert "| sophiag | 5 | 0.001 | " + "0.300 | " * 5 + "2 | " * 3 + "2 |" in sophia_section
+    assert "| adamw |" not in sophia_section and "| lion |" not in sophia_section
     assert json.loads((runs_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+
+
+def test_run_statistics_weigh_each_record_by_the_steps_it_covers():
+    """Records at steps 10, 20 and 40 cover 10, 10 and 20 steps: the run's win rate is
+    (10 x 0.1 + 10 x 0.2 + 20 x 0.4) / 40; a point of the run reads the record covering it."""
+    stats = {"iters": [10, 20, 40], "win_rate": [0.1, 0.2, 0.4]}
+    assert compare_report.run_mean(stats, "win_rate") == pytest.approx(0.275)
+    assert compare_report.run_mean(stats, "clip_frac") is None
+    assert [compare_report.at_fraction(stats, "win_rate", 40, f) for f in (0.05, 0.25, 0.3, 0.5, 1.0)] == [
+        0.1, 0.1, 0.2, 0.2, 0.4]
+    assert compare_report.at_fraction(stats, "hessian_norm", 40, 0.5) is None
 
 
 def test_variants_are_groups_with_their_own_overrides_and_can_be_the_baseline(tmp_path, capsys):
