@@ -8,15 +8,17 @@ repository and its Python environment, and no extra dependency. One job per run 
 job array: each run is requeued, failed and resubmitted on its own, and its job id is its own.
 
 The job: the setup line (module loads, venv activation), then `python train.py ...
---init_from=auto` for a single process, else `srun` starting one `torch.distributed.run`
-(torchrun) per node with the c10d rendezvous on the job's first node; torchrun gives its ranks
---signal_s seconds to checkpoint after it forwards a stop. Its console output is
-appended to <out_dir>/train.log, as for a local run.
+--init_from=auto` for a single process, else `srun` starting one launch.py (torchrun ending
+in one line: a rank's user error ends the job with that line and exit status 2, which is not
+requeued or resubmitted, where torchrun would add a traceback and exit 1) per node with the
+c10d rendezvous on the job's first node; it gives its ranks --signal_s seconds to checkpoint
+after it forwards a stop. Its console output is appended to <out_dir>/train.log, as for a
+local run.
 
 Preemption: the job asks for USR1 `--signal_s` seconds before its time limit
 (`--signal=B:USR1@S`, to the batch shell). The shell passes a USR1 or a TERM (a scheduler's
 preemption) on to the training process as USR1 (srun forwards USR1 to its tasks, where a TERM
-would cancel the step; torchrun forwards it to its ranks): train.py finishes its step, saves a
+would cancel the step; launch.py forwards it to its ranks): train.py finishes its step, saves a
 checkpoint and exits, and the shell requeues the job (`scontrol requeue`; it has `--requeue`),
 which starts again from the top and continues from that checkpoint with --init_from=auto,
 exactly as an uninterrupted run. A job that ends without a
@@ -103,7 +105,7 @@ def script(run: Run, args: argparse.Namespace) -> str:
         launch = shlex.join(train)
     else:  # one torchrun per node; the port from the job id, so two jobs sharing a node do not collide
         launch = ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-                  'srun --kill-on-bad-exit=1 ' + shlex.join([train[0], "-m", "torch.distributed.run"])
+                  'srun --kill-on-bad-exit=1 ' + shlex.join([train[0], "launch.py"])
                   + f' --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={procs} --signals_to_handle={FORWARDED}'
                   + f' --shutdown_timeout={args.signal_s}'
                   + ' --rdzv_backend=c10d'

@@ -67,7 +67,7 @@ def test_dry_run_prints_a_multi_node_torchrun_job_and_writes_nothing(tmp_path, c
                       "#SBATCH --constraint=a100"]
     assert "\nsource venv/bin/activate\nexport OMP_NUM_THREADS=8 MKL_NUM_THREADS=8\n" in out
     launch = next(line for line in out.splitlines() if line.startswith("srun "))
-    assert ("-m torch.distributed.run --nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc_per_node=4 "
+    assert ("launch.py --nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc_per_node=4 "
             "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout=120") in launch
     assert '--rdzv_endpoint="$head:' in launch and launch.endswith(f"--out_dir={run} --init_from=auto &")
     assert "scontrol requeue" in out and not runs_dir.exists()
