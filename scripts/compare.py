@@ -21,10 +21,9 @@ from pathlib import Path
 from dataset import prepare_dataset
 from errors import UserError, exit_on_user_error
 from paths import ROOT, shown
-from scripts import compare_slurm
+from scripts import compare_run, compare_slurm
 from scripts.compare_plan import check_overrides, plan, resolve
 from scripts.compare_report import markdown, summarize
-from scripts.compare_run import execute
 from scripts.downstream_scores import add_downstream, benchmarks
 from scripts.plot_compare import plot_all
 
@@ -95,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.no_train or args.dry_run):
         dataset = resolve([groups[0].config, *overrides])["dataset"]
         prepare_dataset(ROOT / "data" / dataset)  # once, not racing in parallel runs
-    states = execute(runs, args)
+    states, todo = compare_run.unfinished(runs)
+    states.update((compare_slurm if args.launcher == "slurm" else compare_run).execute(todo, args))
     results = summarize(groups, runs, states, args, overrides).to_json()
     if args.dry_run:
         return results

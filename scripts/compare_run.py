@@ -43,8 +43,8 @@ def error_line(out_dir: Path) -> str:
     return errors[-1] if errors else ""
 
 
-def execute(runs: list[Run], args: argparse.Namespace) -> dict[Run, str]:
-    """Every run's state, after running (locally) or submitting (SLURM) what is not finished."""
+def unfinished(runs: list[Run]) -> tuple[dict[Run, str], list[Run]]:
+    """The finished runs' states ("done"), and the others in the order to start them."""
     states: dict[Run, str] = {}
     for run in runs:
         check_reused(run)
@@ -52,20 +52,21 @@ def execute(runs: list[Run], args: argparse.Namespace) -> dict[Run, str]:
             states[run] = "done"
             print(f"finished, not rerun: {shown(run.out_dir)}")
     # Ordered over every run, finished ones included: a resumed study fills its shallowest grids first.
-    todo = [run for run in round_robin(runs) if run not in states]
-    if args.launcher == "slurm":
-        from scripts import compare_slurm
-        return {**states, **compare_slurm.execute(todo, args)}
-    if args.no_train or args.dry_run:
+    return states, [run for run in round_robin(runs) if run not in states]
+
+
+def execute(todo: list[Run], args: argparse.Namespace) -> dict[Run, str]:
+    """The local launcher: each run's state after running `todo` here (none with --no_train or
+    --dry_run, which print what they would do)."""
+    if not (args.no_train or args.dry_run):
+        return run_locally(todo, args.jobs, args.threads)
+    for run in todo:
+        print(f"not finished, not run ({'--no_train' if args.no_train else '--dry_run'}): {shown(run.out_dir)}")
+    if args.dry_run:
         for run in todo:
-            states[run] = "not run"
-            print(f"not finished, not run ({'--no_train' if args.no_train else '--dry_run'}): {shown(run.out_dir)}")
-        if args.dry_run:
-            for run in todo:
-                argv, env = command(run, max(1, args.threads // args.jobs), (run.out_dir / "metrics.jsonl").exists())
-                print("$ " + shown_command(argv, env))
-        return states
-    return {**states, **run_locally(todo, args.jobs, args.threads)}
+            argv, env = command(run, max(1, args.threads // args.jobs), (run.out_dir / "metrics.jsonl").exists())
+            print("$ " + shown_command(argv, env))
+    return {run: "not run" for run in todo}
 
 
 def command(run: Run, threads: int, resume: bool) -> tuple[list[str], dict[str, str]]:

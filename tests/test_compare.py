@@ -176,7 +176,8 @@ def test_a_tuning_grid_is_variants_with_their_own_warmup_started_round_robin(tmp
     assert order[:3] == [(g.label, g.lrs[0]) for g in groups]
     # Resumed with adamw's first run finished: the other groups' first runs still come first.
     write_metrics(runs[0].out_dir, {0: 4.0, 20000: 2.0})
-    compare_run.execute(runs, compare.parse_args(argv + ["--no_train"])[0])
+    _, todo = compare_run.unfinished(runs)
+    compare_run.execute(todo, compare.parse_args(argv + ["--no_train"])[0])
     printed = [line.split(": ")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("not finished")]
     assert [p.rsplit("/", 1)[1].split("_T")[0] for p in printed] == ["adamw_w20", "sophiag_w20", "adamw", "adamw_w20",
                                                                        "sophiag_w20"]
