@@ -275,7 +275,8 @@ class Trainer:
             save_checkpoint(self.out_dir, {
                 "model": model_sd, "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
                 "model_args": self.model_args, "iter_num": progress.iter_num, "tokens": progress.tokens,
-                "best_val_loss": progress.best_val_loss, "config": dict(self.cfg), "rng": rngs,
+                "best_val_loss": progress.best_val_loss, "evaluated_iter": progress.evaluated_iter,
+                "config": dict(self.cfg), "rng": rngs,
                 "world_size": self.world_size, "meta": self.meta}, self.cfg.keep_checkpoints)
 
 
@@ -407,8 +408,9 @@ def build_optimizer(cfg: Config, run: Checked, world_size: int, dev: str
     else:
         optimizer.load_state_dict(run.checkpoint["optimizer"])
     scaler.load_state_dict(run.checkpoint["scaler"])
+    # A checkpoint older than evaluated_iter does not say: its step is evaluated again.
     return optimizer, scaler, Progress(run.checkpoint["iter_num"], run.checkpoint["tokens"],
-                                       run.checkpoint["best_val_loss"])
+                                       run.checkpoint["best_val_loss"], run.checkpoint.get("evaluated_iter", -1))
 
 
 def wrap_parallel(cfg: Config, model: GPT, sharded: bool, distributed: bool, dev: str) -> torch.nn.Module:
@@ -494,6 +496,7 @@ def evaluate(trainer: Trainer, log: MetricsLog | None, stop: StopRequests) -> tu
         log({"kind": "eval", **record})
     improved = losses["val"] < progress.best_val_loss
     progress.best_val_loss = min(progress.best_val_loss, losses["val"])
+    progress.evaluated_iter = progress.iter_num
     return record, improved
 
 
@@ -529,8 +532,9 @@ def train(trainer: Trainer) -> dict:
     last_eval, start_iter, clock = {}, progress.iter_num, time.perf_counter()
     try:
         while True:
-            # --- evaluation and checkpoint
-            if progress.iter_num % cfg.eval_interval == 0 or progress.iter_num == cfg.max_iters or cfg.eval_only:
+            # --- evaluation and checkpoint (not again at a resumed step the run had evaluated)
+            due = progress.iter_num % cfg.eval_interval == 0 or progress.iter_num == cfg.max_iters
+            if (due and progress.evaluated_iter != progress.iter_num) or cfg.eval_only:
                 evaluated = evaluate(trainer, log, stop)
                 if evaluated is None:
                     stop_with_checkpoint(trainer, stop.agreed(trainer.device), start_iter)

@@ -26,6 +26,7 @@ import torch
 
 import settings
 import train
+import checkpoint
 from checkpoint import checkpoints
 from tests.helpers import BPE, CHAR, expect_one_line_error
 from tests.distributed_worker import free_port
@@ -260,13 +261,35 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(twenty_step_run, tm
     resumed = run_train(tmp_path, *args, "--init_from=resume")
     # The second part really started from `stop` (a restart from scratch would also end at
     # step 20, but log a second evaluation at 0): evaluations at 0, `stop` (the end of the
-    # first part), 10 and 20.
-    assert [r["iter"] for r in resumed.records("eval")] == sorted([0, stop, 10, 20])
+    # first part), 10 and 20, each once.
+    assert [r["iter"] for r in resumed.records("eval")] == sorted({0, stop, 10, 20})
     assert resumed.result == full.result
     a, b = load_ckpt(full.out_dir), load_ckpt(tmp_path)
     assert_same_tensors(a["model"], b["model"], "model")
     assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
     assert_same_tensors(a["rng"], b["rng"], "rng")
+
+
+def test_a_resumed_run_scores_its_first_step_again_only_when_the_checkpoint_had_not(tmp_path):
+    """A checkpoint written after its step's evaluation says so (evaluated_iter): the resumed
+    run does not score that step twice. One that does not say (written before this key
+    existed, or by a stop request at an evaluation step before the evaluation ran) is scored
+    on resume, as before."""
+    args = [*TWENTY_STEPS, *RUNS["adamw"]]
+    run_train(tmp_path / "said", *args, "--max_iters=10")
+    assert load_ckpt(tmp_path / "said")["evaluated_iter"] == 10
+    shutil.copytree(tmp_path / "said", tmp_path / "unsaid")
+    path = latest(tmp_path / "unsaid")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["evaluated_iter"]
+    state["checksums"] = checkpoint.checksums(state)
+    torch.save(state, path)
+    said = run_train(tmp_path / "said", *args, "--init_from=resume")
+    unsaid = run_train(tmp_path / "unsaid", *args, "--init_from=resume")
+    assert [r["iter"] for r in said.records("eval")] == [0, 10, 20]
+    assert [r["iter"] for r in unsaid.records("eval")] == [0, 10, 10, 20]
+    assert unsaid.records("eval")[1] == unsaid.records("eval")[2]  # the same step scored the same
+    assert said.result == unsaid.result
 
 
 @pytest.mark.slow
