@@ -102,6 +102,18 @@ def record_of(line: str) -> dict | None:
     return record if "kind" in record else None
 
 
+def logged_evaluation(path: Path, step: int) -> bool:
+    """Whether a metrics.jsonl holds an evaluation of `step` (a line that is not a record is
+    passed over: this only decides whether a resumed run scores its first step again)."""
+    if not path.is_file():
+        return False
+    for line in path.read_text(errors="replace").splitlines():
+        record = record_of(line)
+        if record is not None and record["kind"] == "eval" and int(record["iter"]) == step:
+            return True
+    return False
+
+
 def read_metrics(path: Path) -> dict[str, list[dict]]:
     """The records of a metrics.jsonl by kind, each list sorted by step with one record per
     step (the later one). A torn last line (no newline: a kill or a full disk cut the write)

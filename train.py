@@ -35,7 +35,7 @@ from devices import DeviceTimer, autocast, device_type, free_memory, pick_device
 from errors import UserError, exit_on_user_error
 from evaluation import estimate_loss
 from lifecycle import RunLock, StopRequests
-from metrics import MetricsLog, init_wandb, log_window
+from metrics import MetricsLog, init_wandb, log_window, logged_evaluation
 from model import GPT, GPTConfig, model_to_train, peak_flops, training_memory
 from optimizers import SECOND_ORDER, estimator_of
 from parallel import set_grad_sync, shard_model
@@ -275,8 +275,7 @@ class Trainer:
             save_checkpoint(self.out_dir, {
                 "model": model_sd, "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
                 "model_args": self.model_args, "iter_num": progress.iter_num, "tokens": progress.tokens,
-                "best_val_loss": progress.best_val_loss, "evaluated_iter": progress.evaluated_iter,
-                "config": dict(self.cfg), "rng": rngs,
+                "best_val_loss": progress.best_val_loss, "config": dict(self.cfg), "rng": rngs,
                 "world_size": self.world_size, "meta": self.meta}, self.cfg.keep_checkpoints)
 
 
@@ -408,9 +407,10 @@ def build_optimizer(cfg: Config, run: Checked, world_size: int, dev: str
     else:
         optimizer.load_state_dict(run.checkpoint["optimizer"])
     scaler.load_state_dict(run.checkpoint["scaler"])
-    # A checkpoint older than evaluated_iter does not say: its step is evaluated again.
-    return optimizer, scaler, Progress(run.checkpoint["iter_num"], run.checkpoint["tokens"],
-                                       run.checkpoint["best_val_loss"], run.checkpoint.get("evaluated_iter", -1))
+    step = run.checkpoint["iter_num"]
+    # Every rank reads the log, so all agree whether the step is scored again.
+    evaluated = step if logged_evaluation(run.out_dir / "metrics.jsonl", step) else -1
+    return optimizer, scaler, Progress(step, run.checkpoint["tokens"], run.checkpoint["best_val_loss"], evaluated)
 
 
 def wrap_parallel(cfg: Config, model: GPT, sharded: bool, distributed: bool, dev: str) -> torch.nn.Module:
