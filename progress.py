@@ -13,7 +13,7 @@ class Progress:
     iter_num: int = 0
     tokens: int = 0
     best_val_loss: float = float("inf")
-    evaluated_iter: int = -1  # the last step evaluated and logged: a resume there does not score it again
+    evaluated_iter: int = -1  # the last step evaluated and logged (not saved: a resume reads its log)
 
 
 class StepWindow:
