@@ -310,14 +310,16 @@ def bench_step(iters: int, warmup: int, repeats: int, threads: int = 0,
     return "\n".join(lines), mem, results
 
 
+def train_key(label: str, compile_model: bool) -> str:
+    """A training run's key in the results: '<label>', or '<label>+compile' for compile=True."""
+    return label + "+compile" * compile_model
+
+
 def bench_train(iters: int, repeats: int, threads: int = 0,
                 runs: tuple[tuple[str, str, str, str], ...] = TRAIN_RUNS,
                 compile_modes: tuple[bool, ...] = (False,)) -> tuple[str, str, dict]:
-    """Each run once per compile mode and repeat, interleaved; results keyed '<label>' for
-    compile=False and '<label>+compile' for compile=True."""
-    def key(label: str, compile_model: bool) -> str:
-        return label + "+compile" * compile_model
-
+    """Each run once per compile mode and repeat, interleaved; results keyed by train_key."""
+    key = train_key
     results: dict[str, list[dict]] = {key(r[0], c): [] for c in compile_modes for r in runs}
     for r in range(repeats):
         for compile_model in compile_modes:
@@ -369,7 +371,7 @@ def step_memory_table(results: dict[str, list[dict]]) -> str:
 def train_memory_table(results: dict[str, list[dict]]) -> str:
     """Each run against AdamW run the same way (compiled or not)."""
     def adamw(label: str) -> list[dict]:
-        return results["adamw+compile" if label.endswith("+compile") else "adamw"]
+        return results[train_key("adamw", label.endswith("+compile"))]
 
     cuda = next(iter(results.values()))[0]["cuda_peak_mib"] is not None
     key = "cuda_peak_mib" if cuda else "peak_rss_mib"
