@@ -319,16 +319,15 @@ def bench_train(iters: int, repeats: int, threads: int = 0,
                 runs: tuple[tuple[str, str, str, str], ...] = TRAIN_RUNS,
                 compile_modes: tuple[bool, ...] = (False,)) -> tuple[str, str, dict]:
     """Each run once per compile mode and repeat, interleaved; results keyed by train_key."""
-    key = train_key
-    results: dict[str, list[dict]] = {key(r[0], c): [] for c in compile_modes for r in runs}
+    results: dict[str, list[dict]] = {train_key(r[0], c): [] for c in compile_modes for r in runs}
     for r in range(repeats):
         for compile_model in compile_modes:
             for label, name, impl, hvp in runs:
-                print(f"train: {key(label, compile_model)} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
+                print(f"train: {train_key(label, compile_model)} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
                 with tempfile.TemporaryDirectory(prefix="bench_opt_") as out_dir:
                     argv = ["train", name, impl, hvp, str(compile_model), str(iters), out_dir]
-                    results[key(label, compile_model)].append(run_worker(argv, 3600, threads))
-    first = results[key("adamw", compile_modes[0])][0]
+                    results[train_key(label, compile_model)].append(run_worker(argv, 3600, threads))
+    first = results[train_key("adamw", compile_modes[0])][0]
     lines = [(f"Training iteration, config/train_shakespeare_char.py ({iters} iterations, batch 12 x 64, "
              f"hess_interval=10, hess_batch_size=6), device {first['device']}, {first['threads']} torch "
              "thread(s); median time_ms of the logged 10-iteration windows after the first (compile=True: "
@@ -337,9 +336,9 @@ def bench_train(iters: int, repeats: int, threads: int = 0,
              "| optimizer | impl | compile | iteration ms | vs AdamW | estimator ms per iteration |",
              "|---|---|---|---:|---:|---:|"]
     for compile_model in compile_modes:
-        base = statistics.median(x["time_ms"] for x in results[key("adamw", compile_model)])
+        base = statistics.median(x["time_ms"] for x in results[train_key("adamw", compile_model)])
         for label, _, impl, _ in runs:
-            found = results[key(label, compile_model)]
+            found = results[train_key(label, compile_model)]
             ms = [x["time_ms"] for x in found]
             est = [x["estimator_ms"] for x in found if x["estimator_ms"] is not None]
             lines.append(f"| {label} | {impl} | {compile_model} | {spread(ms)} | "
